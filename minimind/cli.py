@@ -1,0 +1,51 @@
+"""The `minimind` command: one table from command name to function, and nothing else.
+
+Each function takes an argv list (so it is callable from Python: `main(["data", "check", F])`
+or directly, e.g. `minimind.data.check.main([F])`) and returns an exit code. Modules are
+imported only when their command runs, so `minimind --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command words -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("minimind.pipeline:main", "run the offline demo pipeline end to end on CPU"),
+    "info": ("minimind.model.info:main", "print a preset's or checkpoint's config and parameter count"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: minimind COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`minimind COMMAND --help` describes a command's arguments."]
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]):
+    """Longest command-word prefix of argv -> (function, remaining argv)."""
+    for n in (2, 1):
+        name = " ".join(argv[:n])
+        if len(argv) >= n and name in COMMANDS:
+            module, func = COMMANDS[name][0].split(":")
+            return getattr(importlib.import_module(module), func), argv[n:]
+    return None, argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    fn, rest = resolve(argv)
+    if fn is None:
+        print(f"minimind: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

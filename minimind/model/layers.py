@@ -1,0 +1,173 @@
+"""The dense building blocks: RMSNorm, rotary embeddings (with YaRN), grouped-query attention, SwiGLU.
+
+Shapes use B batch, T new tokens, S keys (cached + new), H query heads, K key/value heads,
+D head_dim, C hidden size. Mixture-of-experts lives in moe.py, the KV cache in cache.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import LayerCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (Zhang & Sennrich 2019), cast back before scaling."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Rotary inverse frequencies, (D/2,), optionally YaRN-scaled (Peng et al. 2023, eq. 19-20).
+
+    YaRN as MiniMind2 does it: f' = f * ((1 - g) + g / factor), with g a linear ramp over the
+    dimension index between the correction bounds of beta_fast and beta_slow; no attention
+    temperature ("mscale") is applied. Dimensions that rotate fast (many turns within the
+    original context) keep their frequency; slow ones are interpolated by `factor`.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    orig = scaling["original_max_position_embeddings"]
+    factor = scaling["factor"]
+
+    def correction_dim(n_rot: float) -> float:
+        # The dimension whose wavelength completes n_rot turns within the original context.
+        return head_dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(scaling["beta_slow"])), half - 1)
+    ramp = ((torch.arange(half, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return (inv_freq * ((1 - ramp) + ramp / factor)).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the Llama `rotate_half` layout, regrown on demand (any length is valid)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.initial_len = config.max_position_embeddings
+        self.set_scaling(config.rope_scaling)
+
+    def set_scaling(self, scaling: dict[str, Any] | None) -> None:
+        """Switch YaRN on (a scaling dict) or off (None); tables are rebuilt lazily."""
+        self.scaling = scaling
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(self.head_dim, self.theta, scaling), persistent=False
+        )
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def _build(self, length: int, device: torch.device) -> None:
+        t = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (L, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (L, D): rotate_half pairs i with i + D/2
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int -> cos, sin (B, T, D) float32."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self.cos.shape[0] < needed or self.cos.device != positions.device:
+            self._build(max(needed, self.initial_len, 2 * self.cos.shape[0]), positions.device)
+        return self.cos[positions], self.sin[positions]
+
+    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, length, D) for positions 0..length-1 (the unpadded training path)."""
+        if self.cos.shape[0] < length or self.cos.device != device:
+            self._build(max(length, self.initial_len), device)
+        return self.cos[None, :length], self.sin[None, :length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D); cos/sin (B or 1, T, D) float32. Rotation done in float32."""
+    xf = x.float()
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through F.scaled_dot_product_attention."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            d,
+        )
+        self.q_proj = nn.Linear(c, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(c, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(c, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, c, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, S, D), views into the preallocated buffers
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and t > 1,
+            enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6): the dense MLP and each expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))

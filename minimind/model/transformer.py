@@ -1,0 +1,180 @@
+"""The MiniMind decoder: embeddings, pre-norm blocks, final norm, tied head.
+
+Parameter names equal MiniMind2's (and Llama's in transformers): `model.embed_tokens`,
+`model.layers.{i}.self_attn.{q,k,v,o}_proj`, `...input_layernorm`, `...mlp.{gate,up,down}_proj`
+(or `mlp.gate` / `mlp.experts.{e}` / `mlp.shared_experts.{s}`), `model.norm`, `lm_head`, so
+MiniMind2 state dicts load without renaming. Training infrastructure (precision, compile,
+parallelism) is applied from outside; this file holds only the architecture.
+
+forward(input_ids, attention_mask=None, cache=None) -> CausalLMOutput(logits, aux_loss, hidden)
+  input_ids (B, T); attention_mask (B, T), 1 = real token, 0 = left padding, for the NEW tokens
+  only (the cache remembers earlier ones); positions count real tokens, so a left-padded row
+  gives the same logits as the same row unpadded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import KVCache, LayerCache
+from .config import ModelConfig
+from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from .moe import MoEFeedForward
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T or logits_to_keep, V)
+    aux_loss: torch.Tensor  # scalar: summed MoE balance loss (0 for dense models)
+    hidden_states: torch.Tensor  # (B, T, C) after the final norm
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)); then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (
+            MoEFeedForward(config)
+            if config.use_moe
+            else SwiGLU(config.hidden_size, config.intermediate_size, config.dropout)
+        )
+
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            y, aux = self.mlp(h)
+        else:
+            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+class MiniMindModel(nn.Module):
+    """The trunk: token ids -> final hidden states."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def _positions_and_mask(self, input_ids, attention_mask, cache):
+        """-> cos, sin (B|1, T, D) and an attention mask (B, 1, T, S) bool, or None for causal."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is None and not padded:
+            cos, sin = self.rotary.table(t, device)
+            return cos, sin, None
+        new = (
+            torch.ones(b, t, dtype=torch.bool, device=device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        if cache is None:
+            positions = (new.long().cumsum(1) - 1).clamp_(min=0)
+            key_valid, start = new, 0
+        else:
+            start = cache.length
+            positions, key_valid = cache.reserve(new)
+        cos, sin = self.rotary(positions)
+        if cache is not None and not cache.has_padding and (start == 0 or t == 1):
+            return cos, sin, None
+        q_idx = torch.arange(t, device=device)[:, None] + start
+        k_idx = torch.arange(key_valid.shape[1], device=device)[None, :]
+        # A padding query sees no real key; letting it see itself avoids an all-masked row (NaN).
+        mask = ((k_idx <= q_idx) & key_valid[:, None, None, :]) | (k_idx == q_idx)
+        return cos, sin, mask  # (B, 1, T, S)
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        cos, sin, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        x = self.dropout(self.embed_tokens(input_ids))
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, a = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, a = layer(x, cos, sin, mask, layer_cache)
+            aux = aux + a
+        if cache is not None:
+            cache.advance(
+                torch.ones_like(input_ids, dtype=torch.bool)
+                if attention_mask is None
+                else attention_mask.bool()
+            )
+        return self.norm(x), aux
+
+
+class MiniMindForCausalLM(nn.Module):
+    """Trunk plus language-model head (tied to the embedding by default)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) everywhere; residual output projections (o_proj, down_proj) get
+        std / sqrt(2 * layers) so the residual stream's variance does not grow with depth
+        (GPT-2, Radford et al. 2019, sec. 2.3)."""
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, resid_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """logits_to_keep > 0 computes logits for the last k positions only (decoding)."""
+        hidden, aux = self.model(input_ids, attention_mask, cache)
+        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return CausalLMOutput(self.lm_head(h), aux, hidden)
+
+    # --- conveniences --------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None):
+        return KVCache.for_model(self, batch_size, max_len, dtype)
+
+    def set_rope_scaling(self, scaling: dict[str, Any] | None) -> None:
+        """Switch YaRN on (e.g. config.MINIMIND2_YARN) or off at inference time."""
+        self.config.rope_scaling = None
+        if scaling is not None:
+            self.config.rope_scaling = ModelConfig(rope_scaling=scaling).rope_scaling
+        device = self.model.embed_tokens.weight.device
+        self.model.rotary.set_scaling(self.config.rope_scaling)
+        self.model.rotary.to(device)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() dedupes the tied head
