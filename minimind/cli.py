@@ -13,7 +13,16 @@ import sys
 # command words -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("minimind.pipeline:main", "run the offline demo pipeline end to end on CPU"),
-    "info": ("minimind.model.info:main", "print a preset's or checkpoint's config and parameter count"),
+    "presets": ("minimind.model.config:main", "list the model presets and their sizes"),
+    "tokenizer train": (
+        "minimind.data.commands:tokenizer_train_main",
+        "train a byte-level BPE tokenizer on jsonl files",
+    ),
+    "data check": (
+        "minimind.data.commands:check_main",
+        "validate a jsonl file: kind, records, token lengths, bad lines",
+    ),
+    "data demo": ("minimind.data.commands:demo_main", "write the offline demo corpus"),
 }
 
 

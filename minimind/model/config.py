@@ -187,3 +187,20 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`minimind presets`: list the named presets with their sizes."""
+    import argparse
+
+    argparse.ArgumentParser(prog="minimind presets", description=main.__doc__).parse_args(argv)
+    print(f"{'preset':<16} {'hidden':>6} {'layers':>6} {'heads':>6} {'params':>10}")
+    for name in PRESETS:
+        c = preset(name)
+        moe = f"  moe {c.n_routed_experts}+{c.n_shared_experts} top-{c.num_experts_per_tok}"
+        print(
+            f"{name:<16} {c.hidden_size:>6} {c.num_hidden_layers:>6} "
+            f"{c.num_attention_heads}/{c.num_key_value_heads:<4} "
+            f"{c.num_parameters() / 1e6:>9.2f}M" + (moe if c.use_moe else "")
+        )
+    return 0

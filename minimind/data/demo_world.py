@@ -1,0 +1,363 @@
+"""The small invented world behind the demo corpus: entities, facts, phrasings, arithmetic.
+
+Owns: the bilingual vocabulary (24 people, 12 pets, 8 towns and their attribute values), the
+seeded assignment of facts (`build_world`), the sentence and question templates, and the split
+of small-number arithmetic into training and held-out operand pairs (`ArithSplit`).
+Does not own: writing files or choosing the mix of records (demo.py).
+
+Why it looks like this: a 1-3M parameter model can memorise a few hundred facts from a few MB
+of text, so the world is small (44 entities, about 200 facts) and every fact is said many
+times, in English and Chinese. Generalisation is measured on two held-out axes:
+- facts are asked in eval with `EVAL_QUESTIONS`, templates that share no phrasing with
+  `TRAIN_QUESTIONS` or with any training text;
+- arithmetic in eval uses operand pairs that no training text contains, in either order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import NamedTuple
+
+LANGS = ("en", "zh")
+
+
+class Word(NamedTuple):
+    """A name or value in both languages."""
+
+    en: str
+    zh: str
+
+    def of(self, lang: str) -> str:
+        """
+        >>> Word("cat", "猫").of("zh")
+        '猫'
+        """
+        return self.en if lang == "en" else self.zh
+
+
+# (English, Chinese, is female). Names are transliterated so both languages share the entity.
+PEOPLE = (
+    ("Mira", "米拉", True), ("Tomas", "托马斯", False), ("Lena", "莉娜", True),
+    ("Otto", "奥托", False), ("Nina", "妮娜", True), ("Felix", "费利克斯", False),
+    ("Rosa", "罗莎", True), ("Ivan", "伊万", False), ("Clara", "克拉拉", True),
+    ("Hugo", "雨果", False), ("Ada", "艾达", True), ("Leo", "里奥", False),
+    ("Maya", "玛雅", True), ("Oscar", "奥斯卡", False), ("Iris", "艾瑞丝", True),
+    ("Bruno", "布鲁诺", False), ("Greta", "格蕾塔", True), ("Max", "马克斯", False),
+    ("Vera", "薇拉", True), ("Emil", "埃米尔", False), ("Tara", "塔拉", True),
+    ("Jonas", "约纳斯", False), ("Lucy", "露西", True), ("Sam", "山姆", False),
+)  # fmt: skip
+TOWNS = (
+    Word("Pinevale", "松谷镇"), Word("Stonebridge", "石桥镇"), Word("Riverbend", "河湾镇"),
+    Word("Maplefield", "枫田镇"), Word("Cloudhill", "云山镇"), Word("Sandport", "沙港镇"),
+    Word("Willowmere", "柳湖镇"), Word("Frostford", "霜渡镇"),
+)  # fmt: skip
+PETS = (
+    Word("Pip", "皮普"), Word("Biscuit", "饼干"), Word("Shadow", "影子"), Word("Coco", "可可"),
+    Word("Pepper", "胡椒"), Word("Sunny", "阳光"), Word("Mochi", "麻薯"), Word("Bean", "豆豆"),
+    Word("Ziggy", "齐吉"), Word("Luna", "露娜"), Word("Tofu", "豆腐"), Word("Kiwi", "奇异果"),
+)  # fmt: skip
+# Jobs and species all start with a consonant, so English templates can say "a {v}".
+JOBS = (
+    Word("baker", "面包师"), Word("teacher", "老师"), Word("fisher", "渔夫"),
+    Word("doctor", "医生"), Word("farmer", "农民"), Word("painter", "画家"),
+    Word("carpenter", "木匠"), Word("librarian", "图书管理员"), Word("potter", "陶艺师"),
+    Word("gardener", "园丁"), Word("tailor", "裁缝"), Word("beekeeper", "养蜂人"),
+)  # fmt: skip
+SPECIES = (
+    Word("cat", "猫"), Word("dog", "狗"), Word("rabbit", "兔子"), Word("parrot", "鹦鹉"),
+    Word("goat", "山羊"), Word("turtle", "乌龟"), Word("duck", "鸭子"), Word("hamster", "仓鼠"),
+)  # fmt: skip
+FOODS = (
+    Word("apples", "苹果"), Word("noodles", "面条"), Word("dumplings", "饺子"),
+    Word("fish soup", "鱼汤"), Word("rice cakes", "年糕"), Word("honey bread", "蜂蜜面包"),
+    Word("mushroom stew", "蘑菇炖菜"), Word("plum jam", "李子酱"), Word("corn pancakes", "玉米饼"),
+    Word("pumpkin pie", "南瓜派"),
+)  # fmt: skip
+COLOURS = (
+    Word("red", "红色"), Word("blue", "蓝色"), Word("green", "绿色"), Word("yellow", "黄色"),
+    Word("purple", "紫色"), Word("white", "白色"), Word("orange", "橙色"), Word("grey", "灰色"),
+)  # fmt: skip
+PRODUCTS = (
+    Word("apples", "苹果"), Word("tea", "茶叶"), Word("pottery", "陶器"), Word("salted fish", "咸鱼"),
+    Word("silk", "丝绸"), Word("cheese", "奶酪"), Word("honey", "蜂蜜"), Word("sea salt", "海盐"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Person:
+    name: Word
+    female: bool
+    age: int
+    town: Word
+    job: Word
+    food: Word
+    colour: Word
+    friend: Word
+
+
+@dataclass(frozen=True)
+class Pet:
+    name: Word
+    species: Word
+    colour: Word
+    owner: Word
+
+
+@dataclass(frozen=True)
+class Town:
+    name: Word
+    product: Word
+
+
+class Fact(NamedTuple):
+    """`subject`'s `attribute` is `value`; the gold answer to a question is `value.of(lang)`."""
+
+    subject: Word
+    attribute: str
+    value: Word
+
+
+@dataclass(frozen=True)
+class World:
+    people: tuple[Person, ...]
+    pets: tuple[Pet, ...]
+    towns: tuple[Town, ...]
+
+    @property
+    def facts(self) -> list[Fact]:
+        out = []
+        for p in self.people:
+            age = Word(str(p.age), str(p.age))
+            for attr, value in (("job", p.job), ("age", age), ("town", p.town)):
+                out.append(Fact(p.name, attr, value))
+            for attr, value in (("food", p.food), ("colour", p.colour), ("friend", p.friend)):
+                out.append(Fact(p.name, attr, value))
+        for pet in self.pets:
+            out.append(Fact(pet.name, "species", pet.species))
+            out.append(Fact(pet.name, "owner", pet.owner))
+            out.append(Fact(pet.name, "pet_colour", pet.colour))
+        out.extend(Fact(t.name, "product", t.product) for t in self.towns)
+        return out
+
+    def person(self, name: Word) -> Person:
+        return next(p for p in self.people if p.name == name)
+
+    def town(self, name: Word) -> Town:
+        return next(t for t in self.towns if t.name == name)
+
+    def pet_of(self, owner: Word) -> Pet | None:
+        return next((pet for pet in self.pets if pet.owner == owner), None)
+
+
+def build_world(seed: int = 0) -> World:
+    """Assign attributes to the fixed cast, reproducibly for a given seed.
+
+    Friendship is symmetric (people are paired), each town has three residents, every job is
+    held by two people, and half the people own one pet each.
+
+    >>> w = build_world(0)
+    >>> len(w.people), len(w.pets), len(w.towns), len(w.facts)
+    (24, 12, 8, 188)
+    >>> all(w.person(w.person(p.friend).friend) == p for p in w.people)
+    True
+    """
+    rng = random.Random(f"minimind-demo-world:{seed}")
+    names = [Word(en, zh) for en, zh, _ in PEOPLE]
+    products = list(PRODUCTS)
+    rng.shuffle(products)
+    towns = tuple(Town(t, p) for t, p in zip(TOWNS, products))
+    homes = [TOWNS[i % len(TOWNS)] for i in range(len(names))]
+    jobs = [JOBS[i % len(JOBS)] for i in range(len(names))]
+    rng.shuffle(homes)
+    rng.shuffle(jobs)
+    order = list(range(len(names)))
+    rng.shuffle(order)
+    friend = {}
+    for a, b in zip(order[::2], order[1::2]):
+        friend[a], friend[b] = b, a
+    people = tuple(
+        Person(
+            name=names[i],
+            female=PEOPLE[i][2],
+            age=rng.randint(18, 70),
+            town=homes[i],
+            job=jobs[i],
+            food=rng.choice(FOODS),
+            colour=rng.choice(COLOURS),
+            friend=names[friend[i]],
+        )
+        for i in range(len(names))
+    )
+    owners = rng.sample(range(len(names)), len(PETS))
+    pets = tuple(
+        Pet(name, rng.choice(SPECIES), rng.choice(COLOURS), names[owner])
+        for name, owner in zip(PETS, owners)
+    )
+    return World(people, pets, towns)
+
+
+# Templates take {s} (the subject) and {v} (the value). STATEMENTS feed pretraining and the
+# answers of every chat file; TRAIN_QUESTIONS ask in sft, dpo, rlaif and lora; EVAL_QUESTIONS
+# are used only by eval_facts.jsonl and must share no phrasing with anything in training.
+STATEMENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "job": {
+        "en": ("{s} is a {v}.", "{s} works as a {v}.", "By trade, {s} is a {v}."),
+        "zh": ("{s}是一名{v}。", "{s}的工作是{v}。", "{s}以当{v}为生。"),
+    },
+    "age": {
+        "en": ("{s} is {v} years old.", "{s} is {v} this year."),
+        "zh": ("{s}今年{v}岁。", "{s}已经{v}岁了。"),
+    },
+    "town": {
+        "en": ("{s} lives in {v}.", "{s}'s home is in {v}.", "{s} comes from {v}."),
+        "zh": ("{s}住在{v}。", "{s}的家在{v}。", "{s}来自{v}。"),
+    },
+    "food": {
+        "en": ("{s}'s favourite food is {v}.", "{s} loves {v} more than any other food."),
+        "zh": ("{s}最喜欢的食物是{v}。", "{s}最爱吃{v}。"),
+    },
+    "colour": {
+        "en": ("{s}'s favourite colour is {v}.", "Of all colours, {s} likes {v} best."),
+        "zh": ("{s}最喜欢的颜色是{v}。", "在所有颜色里，{s}最喜欢{v}。"),
+    },
+    "friend": {
+        "en": ("{s}'s best friend is {v}.", "{s} and {v} are best friends."),
+        "zh": ("{s}最好的朋友是{v}。", "{s}和{v}是最好的朋友。"),
+    },
+    "species": {
+        "en": ("{s} is a {v}.", "{s} is a pet {v}."),
+        "zh": ("{s}是一只{v}。", "{s}是一只宠物{v}。"),
+    },
+    "owner": {
+        "en": ("{s} belongs to {v}.", "{v} is the owner of {s}."),
+        "zh": ("{s}的主人是{v}。", "{v}养了{s}。"),
+    },
+    "pet_colour": {
+        "en": ("{s} is {v}.", "The colour of {s} is {v}."),
+        "zh": ("{s}是{v}的。", "{s}的颜色是{v}。"),
+    },
+    "product": {
+        "en": ("{s} is famous for its {v}.", "People go to {s} to buy {v}."),
+        "zh": ("{s}以{v}闻名。", "人们去{s}买{v}。"),
+    },
+}
+TRAIN_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "job": {
+        "en": ("What is {s}'s job?", "What does {s} do for a living?"),
+        "zh": ("{s}的工作是什么？", "{s}是做什么工作的？"),
+    },
+    "age": {"en": ("How old is {s}?", "What age is {s}?"), "zh": ("{s}多大了？", "{s}今年几岁？")},
+    "town": {
+        "en": ("Where does {s} live?", "Which town is {s} from?"),
+        "zh": ("{s}住在哪里？", "{s}来自哪个镇？"),
+    },
+    "food": {
+        "en": ("What is {s}'s favourite food?", "What food does {s} love most?"),
+        "zh": ("{s}最喜欢的食物是什么？", "{s}最爱吃什么？"),
+    },
+    "colour": {
+        "en": ("What is {s}'s favourite colour?", "Which colour does {s} like best?"),
+        "zh": ("{s}最喜欢的颜色是什么？", "{s}最喜欢什么颜色？"),
+    },
+    "friend": {
+        "en": ("Who is {s}'s best friend?", "Who is the best friend of {s}?"),
+        "zh": ("{s}最好的朋友是谁？", "谁是{s}最好的朋友？"),
+    },
+    "species": {
+        "en": ("What kind of animal is {s}?", "What animal is {s}?"),
+        "zh": ("{s}是什么动物？", "{s}是哪种动物？"),
+    },
+    "owner": {
+        "en": ("Who owns {s}?", "Who is the owner of {s}?"),
+        "zh": ("{s}的主人是谁？", "谁养了{s}？"),
+    },
+    "pet_colour": {"en": ("What colour is {s}?",), "zh": ("{s}是什么颜色的？",)},
+    "product": {"en": ("What is {s} famous for?",), "zh": ("{s}以什么闻名？",)},
+}
+EVAL_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "job": {"en": ("Could you tell me {s}'s occupation?",), "zh": ("{s}从事什么职业？",)},
+    "age": {"en": ("Tell me the age of {s}.",), "zh": ("{s}的年龄是多少？",)},
+    "town": {"en": ("In which town is {s}'s home?",), "zh": ("{s}的家乡是哪个镇？",)},
+    "food": {"en": ("Which dish does {s} enjoy eating most?",), "zh": ("{s}最爱的菜是哪一道？",)},
+    "colour": {"en": ("Name the colour that {s} prefers.",), "zh": ("{s}偏爱哪种颜色？",)},
+    "friend": {"en": ("Who does {s} call a best friend?",), "zh": ("{s}的挚友叫什么名字？",)},
+    "species": {"en": ("To which species does {s} belong?",), "zh": ("{s}属于哪一种动物？",)},
+    "owner": {"en": ("Whose pet is {s}?",), "zh": ("{s}是谁的宠物？",)},
+    "pet_colour": {"en": ("Describe the colour of {s}.",), "zh": ("{s}身上是什么颜色？",)},
+    "product": {"en": ("Which goods is {s} known for?",), "zh": ("{s}的特产是什么？",)},
+}
+
+
+def render(template: str, fact: Fact, lang: str) -> str:
+    """
+    >>> render("{s} is a {v}.", Fact(Word("Pip", "皮普"), "species", Word("cat", "猫")), "en")
+    'Pip is a cat.'
+    """
+    return template.format(s=fact.subject.of(lang), v=fact.value.of(lang))
+
+
+# ---------------------------------------------------------------- arithmetic
+
+# op -> (Chinese, English word). The Chinese forms are what the held-out test searches for.
+OPS = {"+": ("加", "plus"), "-": ("减", "minus"), "×": ("乘以", "times")}
+_MAX_OPERAND = {"+": 20, "-": 20, "×": 10}
+
+
+def apply(a: int, op: str, b: int) -> int:
+    """
+    >>> apply(7, "×", 6), apply(7, "-", 6)
+    (42, 1)
+    """
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def equation(a: int, op: str, b: int, lang: str, *, words: bool = False) -> str:
+    """An equation without final punctuation.
+
+    >>> equation(3, "+", 4, "en"), equation(3, "+", 4, "en", words=True), equation(3, "+", 4, "zh")
+    ('3 + 4 = 7', '3 plus 4 equals 7', '3加4等于7')
+    """
+    c = apply(a, op, b)
+    if lang == "zh":
+        return f"{a}{OPS[op][0]}{b}等于{c}"
+    return f"{a} {OPS[op][1]} {b} equals {c}" if words else f"{a} {op} {b} = {c}"
+
+
+def _canonical(op: str, a: int, b: int) -> tuple[int, int]:
+    # + and × are commutative: holding out (3, 5) must hold out "5 + 3" too.
+    return (min(a, b), max(a, b)) if op != "-" else (a, b)
+
+
+class ArithSplit:
+    """Small-number arithmetic split by operand pair into training and held-out sets.
+
+    Domains: a + b and a - b (b <= a) with operands 0..20, a × b with operands 0..10.
+    Pairs outside a domain (larger numbers) are never held out.
+
+    >>> split = ArithSplit(seed=0)
+    >>> a, b = split.held_out["+"][0]
+    >>> split.allowed("+", a, b), split.allowed("+", b, a), split.allowed("+", 25, 3)
+    (False, False, True)
+    """
+
+    def __init__(self, seed: int = 0, held_out_fraction: float = 0.1) -> None:
+        rng = random.Random(f"minimind-demo-arith:{seed}")
+        self.train: dict[str, list[tuple[int, int]]] = {}
+        self.held_out: dict[str, list[tuple[int, int]]] = {}
+        for op, top in _MAX_OPERAND.items():
+            pairs = [_canonical(op, a, b) for a in range(top + 1) for b in range(top + 1)]
+            pairs = sorted(set(p for p in pairs if op != "-" or p[1] <= p[0]))
+            rng.shuffle(pairs)
+            k = round(len(pairs) * held_out_fraction)
+            self.held_out[op], self.train[op] = sorted(pairs[:k]), sorted(pairs[k:])
+        self._held = {(op, p) for op, pairs in self.held_out.items() for p in pairs}
+
+    def allowed(self, op: str, a: int, b: int) -> bool:
+        """Whether training text may contain `a op b`."""
+        return (op, _canonical(op, a, b)) not in self._held
+
+    def sample(self, rng: random.Random, op: str) -> tuple[int, int]:
+        """A training pair, in a random order for commutative operations."""
+        a, b = rng.choice(self.train[op])
+        return (b, a) if op != "-" and rng.random() < 0.5 else (a, b)

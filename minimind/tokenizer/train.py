@@ -1,0 +1,69 @@
+"""Training a MiniMind tokenizer (the `tokenizer train` command line is in minimind.data.commands).
+
+Byte-level BPE as in MiniMind2: no normalizer, no prefix space, the 256 byte symbols always
+in the vocabulary, `<|endoftext|>`/`<|im_start|>`/`<|im_end|>` as ids 0/1/2. We add the tag
+tokens (tokens.py) as ids 3-10, inside the vocabulary size, so a model sized for 6400 ids
+covers them. Texts stream through `train_from_iterator`; memory grows with the number of
+distinct words, not with the corpus. Loading and saving live in tokenizer.py.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sized
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from minimind.tokenizer.chat import CHAT_TEMPLATE
+from minimind.tokenizer.tokenizer import Tokenizer
+from minimind.tokenizer.tokens import SPECIAL_TOKENS, TAG_TOKENS
+
+# Encoding cuts added tokens out of the text before BPE sees it, so training must not spend
+# merges on their fragments (MiniMind2's pretraining texts are full of literal `<|im_end|>`).
+_ADDED = re.compile("|".join(re.escape(t) for t in (*SPECIAL_TOKENS, *TAG_TOKENS)))
+
+
+def _mark_non_special(backend: tokenizers.Tokenizer, tokens: Iterable[str]) -> tokenizers.Tokenizer:
+    """The same tokenizer with `tokens` marked non-special (the trainer marks every token it
+    reserves special, which would make decode(skip_special_tokens=True) drop the tags)."""
+    data = json.loads(backend.to_str())
+    names = set(tokens)
+    for entry in data["added_tokens"]:
+        if entry["content"] in names:
+            entry["special"] = False
+    return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 6400,
+    show_progress: bool = True,
+) -> Path:
+    """Train on `texts` (any iterable, consumed once) and save the folder; returns its path."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS, *TAG_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    length = len(texts) if isinstance(texts, Sized) else None  # only sizes the progress bar
+    # Each item may be a list of strings: the pieces of one text between added tokens.
+    pieces = (_ADDED.split(text) for text in texts)
+    backend.train_from_iterator(pieces, trainer=trainer, length=length)
+    tokenizer = Tokenizer(_mark_non_special(backend, TAG_TOKENS), chat_template=CHAT_TEMPLATE)
+    return tokenizer.save(out_dir)
+
+
+def compression(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
+    """Characters per token over `texts` (higher is better; report it on held-out text)."""
+    chars = tokens = 0
+    for text in texts:
+        chars += len(text)
+        tokens += len(tokenizer.encode(text))
+    return chars / max(tokens, 1)

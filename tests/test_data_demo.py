@@ -1,0 +1,201 @@
+"""The demo corpus (minimind.data.demo, .demo_world): valid, deterministic, held-out honestly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minimind.data.demo import FILE_NAMES, write_demo_corpus
+from minimind.data.demo_world import (
+    EVAL_QUESTIONS,
+    LANGS,
+    STATEMENTS,
+    TRAIN_QUESTIONS,
+    ArithSplit,
+    apply,
+    build_world,
+    render,
+)
+from minimind.data.formats import RecordReader, detect_kind, split_reasoning
+
+SIZE_MB = 0.3
+EXPECTED_KIND = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "lora": "sft",
+    "dpo": "dpo",
+    "rlaif": "rlaif",
+    "reasoning": "reasoning",
+    "eval_facts": "rlaif",
+    "eval_arith": "rlaif",
+}
+TRAINING = ("pretrain", "sft", "lora", "dpo", "rlaif", "reasoning")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return write_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, size_mb=SIZE_MB)
+
+
+def strings(value) -> list[str]:
+    """Every string inside a decoded JSON value (keys excluded)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    return []
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def training_text(corpus) -> str:
+    return "\n".join(s for key in TRAINING for row in rows(corpus[key]) for s in strings(row))
+
+
+def digests(paths: dict[str, Path]) -> dict[str, str]:
+    return {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items()}
+
+
+def test_files_are_named_like_minimind(corpus):
+    assert {k: p.name for k, p in corpus.items()} == FILE_NAMES
+    assert all(p.stat().st_size > 0 for p in corpus.values())
+
+
+@pytest.mark.parametrize("key", list(FILE_NAMES))
+def test_every_record_passes_the_validators(corpus, key):
+    assert detect_kind(corpus[key]) == EXPECTED_KIND[key]
+    reader = RecordReader(corpus[key], EXPECTED_KIND[key])
+    records = list(reader)
+    assert len(records) == reader.summary.lines > 0
+    assert reader.summary.bad_lines == reader.summary.blank_lines == 0
+
+
+def test_same_seed_same_bytes_even_with_another_hash_seed(corpus, tmp_path):
+    # A subprocess with a different PYTHONHASHSEED catches any dependence on set/dict order.
+    code = (
+        "import sys; from minimind.data.demo import write_demo_corpus; "
+        f"write_demo_corpus(sys.argv[1], seed=0, size_mb={SIZE_MB})"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")], check=True, env=env)
+    again = {k: tmp_path / "again" / name for k, name in FILE_NAMES.items()}
+    assert digests(again) == digests(corpus)
+    other = write_demo_corpus(tmp_path / "other", seed=1, size_mb=0.05)
+    assert digests(other)["eval_facts"] != digests(corpus)["eval_facts"]
+
+
+def test_sizes(corpus):
+    pretrain = corpus["pretrain"].stat().st_size
+    assert SIZE_MB * 1e6 <= pretrain < SIZE_MB * 1e6 + 2000
+    assert 0.3 * pretrain < corpus["sft"].stat().st_size < 0.5 * pretrain
+
+
+def test_pretrain_texts_are_short_and_bilingual(corpus):
+    texts = [r["text"] for r in rows(corpus["pretrain"])]
+    assert max(len(t) for t in texts) < 512
+    chinese = sum(bool(re.search(r"[\u4e00-\u9fff]", t)) for t in texts)
+    assert 0.3 < chinese / len(texts) < 0.7
+
+
+def test_reasoning_layout(corpus):
+    for row in rows(corpus["reasoning"]):
+        think, answer = split_reasoning(row["conversations"][-1]["content"])
+        assert think and answer
+
+
+def test_dpo_chosen_is_not_rejected(corpus):
+    for row in rows(corpus["dpo"]):
+        assert row["chosen"][-1]["content"] != row["rejected"][-1]["content"]
+
+
+def test_train_and_eval_question_templates_are_disjoint():
+    for attribute, by_lang in EVAL_QUESTIONS.items():
+        for lang in LANGS:
+            assert not set(by_lang[lang]) & set(TRAIN_QUESTIONS[attribute][lang])
+            assert not set(by_lang[lang]) & set(STATEMENTS[attribute][lang])
+
+
+def test_eval_phrasings_never_occur_in_training(corpus, training_text):
+    # Every literal piece of an eval template (around the subject) is absent from all training
+    # text, so the eval measures generalisation to a new phrasing, not recall of one.
+    for by_lang in EVAL_QUESTIONS.values():
+        for templates in by_lang.values():
+            for template in templates:
+                for piece in template.split("{s}"):
+                    if len(piece.strip()) >= 3:
+                        assert piece not in training_text, (template, piece)
+    for row in rows(corpus["eval_facts"]):
+        assert row["conversations"][0]["content"] not in training_text
+
+
+def test_eval_facts_are_known_facts_with_gold_answers(corpus, training_text):
+    world = build_world(0)
+    eval_rows = rows(corpus["eval_facts"])
+    assert len(eval_rows) == len(world.facts) * len(LANGS)
+    for fact, (en, zh) in zip(world.facts, zip(eval_rows[::2], eval_rows[1::2])):
+        for lang, row in (("en", en), ("zh", zh)):
+            assert row["answer"] == fact.value.of(lang) and row["lang"] == lang
+            # Known: some training statement of this fact appears in the training text.
+            said = [render(t, fact, lang) for t in STATEMENTS[fact.attribute][lang]]
+            assert any(s in training_text for s in said), fact
+
+
+EQUATIONS = re.compile(r"(?<!\d)(?=(\d+) ?(\+|-|×|plus|minus|times|加|减|乘以) ?(\d+)(?!\d))")
+WORDS = {"plus": "+", "minus": "-", "times": "×", "加": "+", "减": "-", "乘以": "×"}
+
+
+def test_held_out_arithmetic_never_occurs_in_training(training_text):
+    split = ArithSplit(0)
+    seen = 0
+    for a, op, b in EQUATIONS.findall(training_text):
+        seen += 1
+        assert split.allowed(WORDS.get(op, op), int(a), int(b)), f"{a} {op} {b}"
+    assert seen > 1000
+
+
+def test_eval_arith_uses_held_out_pairs_with_correct_answers(corpus):
+    split = ArithSplit(0)
+    eval_rows = rows(corpus["eval_arith"])
+    assert len(eval_rows) >= 100
+    for row in eval_rows:
+        (a, op, b), *_ = EQUATIONS.findall(row["conversations"][0]["content"])
+        op = WORDS.get(op, op)
+        assert not split.allowed(op, int(a), int(b))
+        assert row["answer"] == str(apply(int(a), op, int(b)))
+
+
+def test_rlaif_answers_are_correct(corpus):
+    world = build_world(0)
+    values = {v for f in world.facts for v in f.value}
+    for row in rows(corpus["rlaif"]):
+        question = row["conversations"][0]["content"]
+        found = EQUATIONS.findall(question)
+        if found:
+            (a, op, b), *_ = found
+            assert row["answer"] == str(apply(int(a), WORDS.get(op, op), int(b)))
+        else:
+            assert row["answer"] in values
+
+
+def test_identity_and_lora_identity(corpus):
+    sft = "\n".join(s for row in rows(corpus["sft"]) for s in strings(row))
+    assert "I am MiniMind" in sft and "我是MiniMind" in sft
+    lora = "\n".join(s for row in rows(corpus["lora"]) for s in strings(row))
+    assert "I am Lumen" in lora and "我是路明" in lora
+
+
+def test_size_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="size_mb"):
+        write_demo_corpus(tmp_path, size_mb=0)
