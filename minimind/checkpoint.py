@@ -1,22 +1,117 @@
-"""Self-describing checkpoint folders: config.json + model.safetensors (+ tokenizer files).
+"""Self-describing checkpoint folders: written atomically, read strictly.
 
-Owns strict weight loading (every missing, unexpected or mis-shaped key is named), used by
-training, inference and conversion alike, so inference never imports the training package.
+Owns the on-disk layout of our own checkpoints, the atomic write, and strict weight loading
+(every missing, unexpected or mis-shaped key is named). Training, inference and conversion all
+read and write checkpoints here, so inference never imports the training package. It does not
+own what goes into a resume state (the training engine decides) nor foreign formats (MiniMind2
+`.pth`, transformers folders, GGUF: `minimind.convert`).
+
+A checkpoint is a folder::
+
+    config.json         {"model_type": "minimind", "format_version": 1, **ModelConfig.to_dict()}
+    model.safetensors   the weights; a tied head is stored once (under the embedding's name);
+                        metadata: format_version, dtype, tied ({alias: stored name})
+    tokenizer*.json ... the tokenizer folder's files, when one was given
+    meta.json           free JSON metadata (training step, loss, data position), optional
+    trainer_state.pt    torch.save'd resume state (optimizer, scheduler, RNG, sampler), optional
+    <anything else>     files the training engine adds (CheckpointWriter.add_file)
+
+Atomicity (rule 4 of ARCHITECTURE.md), with P the checkpoint path:
+1. Writers of P take an advisory lock on the sibling file `.P.lock` (flock: the kernel drops it
+   when the holder dies, even by SIGKILL), so every other `.P.tmp-*` sibling is a stale leftover
+   of a dead writer and is deleted.
+2. Everything is staged in the sibling folder `.P.tmp-<hex>` (same filesystem, so renames are
+   atomic). On commit every staged file and folder is fsynced, then:
+   rename P -> P.old, rename .P.tmp-<hex> -> P, rename P.old -> .P.tmp-<hex> and delete it,
+   fsyncing the parent after each rename so the order survives a power cut too.
+3. Invariants: P and P.old are each only ever created by one rename of a complete, fsynced
+   folder, and a `.tmp-` name is never read. So whenever P exists it is complete, and when it
+   is missing P.old is the last committed checkpoint (killed between the first two renames).
+   Readers go through `resolve_checkpoint`: P if it exists, else P.old. A writer that finds P
+   missing and P.old present skips the first rename, so P.old is never lost.
+A kill at any moment therefore leaves the previous (or the new) checkpoint loadable, never a
+half-written one; the next save removes the leftovers. Why two renames and a fallback: no
+portable call replaces a non-empty folder in one step (rename(2) wants the target empty;
+renameat2(RENAME_EXCHANGE) is Linux-only and not on every filesystem), and a symlink
+`P -> P.v7` swapped by one rename would make P something other than a plain folder that users
+copy, upload or open on Windows.
+One writer per path at a time: the lock serialises writers, the last commit wins, and the empty
+`.P.lock` file stays (deleting a lock file races its next taker). Readers take no lock: a read
+notes the folder's (device, inode) and, if a save swapped the folder meanwhile, reads again,
+so it never mixes two saves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from minimind.model import MiniMindForCausalLM, ModelConfig
+
+try:  # POSIX advisory locks; on Windows writers are not serialised (one writer per path).
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "META_NAME",
+    "TRAINER_STATE_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "CheckpointWriter",
+    "load_checkpoint",
+    "load_config",
+    "load_trainer_state",
+    "load_weights",
+    "read_meta",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1  # bump when a reader of the old layout would misread the new one
+MODEL_TYPE = "minimind"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "meta.json"
+TRAINER_STATE_NAME = "trainer_state.pt"
+RESERVED_NAMES = frozenset({CONFIG_NAME, WEIGHTS_NAME, META_NAME, TRAINER_STATE_NAME})
+# Tokenizer folders are copied whole, except what would clash with or bloat a checkpoint
+# (a checkpoint folder given as tokenizer_dir must not donate its weights or config).
+_NOT_TOKENIZER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".gguf", ".ckpt")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into, or is unreadable."""
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = ""
+) -> None:
     """Copy `state_dict` into `model` strictly, casting dtype; name every mismatch at once.
 
     A tied head may be absent from `state_dict` (it is the embedding).
@@ -51,3 +146,584 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     with torch.no_grad():
         for k, v in state_dict.items():
             own[k].copy_(v.to(own[k].dtype))
+
+
+# --- dtypes ------------------------------------------------------------------------------
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"checkpoint dtype must be a floating type, got {dtype}")
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use fp32, bf16, fp16 or a torch.dtype"
+        ) from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _dtype_from_name(name: str) -> torch.dtype | None:
+    if name in _DTYPES:
+        return _DTYPES[name]
+    found = getattr(torch, name, None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+# --- filesystem primitives ---------------------------------------------------------------
+
+
+def _fsync_dir(path: Path | str) -> None:
+    # Directory fsync makes renames and new entries durable; Windows cannot open a folder.
+    if os.name == "nt":  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder bottom-up (a file's entry lives in its folder)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_file(os.path.join(dirpath, name))
+        _fsync_dir(dirpath)
+
+
+def _make_dirs(folder: Path) -> None:
+    """mkdir -p that fsyncs the parent of each folder it creates (durable like the rest)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        _fsync_dir(d.parent)
+
+
+def _old_path(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(_temp_prefix(path) + uuid.uuid4().hex[:16])
+
+
+def _is_temp_of(path: Path, name: str) -> bool:
+    # Exact pattern, so the temp folders of a checkpoint named "a.tmp-x" are not taken for a's.
+    return re.fullmatch(re.escape(_temp_prefix(path)) + "[0-9a-f]{16}", name) is not None
+
+
+def _write_json(file: Path, data: Mapping[str, Any], what: str) -> None:
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON and other tools reject them.
+        text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} is not JSON-serialisable: {e}") from e
+    file.write_text(text + "\n", encoding="utf-8")
+
+
+def _read_json(file: Path, folder: Path) -> Any:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {folder}: {file.name} is missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: {file.name} is not valid JSON: {e}") from e
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP/DataParallel and torch.compile wrappers (clean key names)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _dedupe_and_cast(
+    state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors to store, {alias: stored name}) for safetensors, which refuses shared memory.
+
+    Names that view the very same memory (a tied head) are stored once, under the first name
+    (the embedding comes before lm_head); load_weights accepts a tied group with one name.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state_dict.items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        tensors[name] = t.to("cpu", target).contiguous()
+    # A kept tensor may still share storage with another (a partial view, or a no-op .to()
+    # of tensors that share a buffer); safetensors rejects that, so give those their own copy.
+    owners: set[int] = set()
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in owners:
+            tensors[name] = t.clone()
+        owners.add(ptr)
+    return tensors, aliases
+
+
+class CheckpointWriter:
+    """Stage a checkpoint folder beside `path` and swap it in atomically on commit.
+
+    The lower-level API under `save_checkpoint`, for the training engine's resume state::
+
+        with CheckpointWriter(path) as w:        # locks, clears stale temps, makes w.staging
+            w.write_model(model, dtype="bf16")   # config.json + model.safetensors (required)
+            w.copy_tokenizer(tokenizer_dir)
+            w.write_meta({"step": step})
+            w.write_trainer_state({"optimizer": opt.state_dict(), "rng": rng_states})
+            w.add_file("sampler.json", json.dumps(sampler.state_dict()))
+            w.add_file("optim", lambda p: dcp.save(sharded_state, checkpoint_id=p))
+        # exit without an exception: commit (fsync, swap); with one: discard, P untouched
+
+    `w.staging` is the folder being built; anything written under it is committed too.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).absolute()
+        if not self.path.name or self.path.name in (".", ".."):
+            raise CheckpointError(f"not a checkpoint folder path: {path}")
+        self.staging: Path | None = None
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> CheckpointWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def open(self) -> Path:
+        """Lock the path, delete stale temps of dead writers, create the staging folder."""
+        if self.staging is not None:
+            raise RuntimeError(f"CheckpointWriter for {self.path} is already open")
+        self._refuse_foreign(self.path)
+        _make_dirs(self.path.parent)
+        self._lock()
+        try:
+            self._tidy()
+            self.staging = _temp_path(self.path)
+            self.staging.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
+        return self.staging
+
+    def commit(self) -> Path:
+        """Make the staged folder the checkpoint at `path` (see the module docstring)."""
+        staging = self._staging()
+        try:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                if not (staging / name).is_file():
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: nothing wrote {name} (call write_model)"
+                    )
+            self._refuse_foreign(self.path)  # re-check under the lock
+            _fsync_tree(staging)
+            path, old, parent = self.path, _old_path(self.path), self.path.parent
+            if path.exists():
+                if old.exists():  # stale: a killed writer renamed P in after P -> P.old
+                    self._discard(old)
+                os.replace(path, old)
+                _fsync_dir(parent)
+            # Killed here: P is missing and P.old is complete; readers fall back to it.
+            os.replace(staging, path)
+            _fsync_dir(parent)
+            self.staging = None
+            # Committed already: a failed clean-up is left to the next save, not an error.
+            with contextlib.suppress(OSError):
+                self._tidy()  # P.old -> temp name -> deleted
+            return path
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._unlock()
+
+    def abort(self) -> None:
+        """Discard the staged folder; the checkpoint at `path` is left as it was."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        self._unlock()
+
+    # -- what goes in ------------------------------------------------------------------
+    def write_model(self, model: nn.Module, dtype: str | torch.dtype | None = None) -> None:
+        """config.json and model.safetensors from a MiniMind model (DDP/compile unwrapped).
+
+        Saved as it is: merge LoRA adapters first, or the checkpoint will not load strictly.
+        """
+        model = _unwrap(model)
+        config = getattr(model, "config", None)
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"{type(model).__name__} has no ModelConfig at .config")
+        self.write_weights(model.state_dict(), config, dtype)
+
+    def write_weights(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        config: ModelConfig,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        """config.json and model.safetensors from a full (gathered, unsharded) state dict.
+
+        dtype: "fp32" | "bf16" | "fp16" | a torch.dtype | None (keep each tensor's dtype);
+        casts floating tensors only.
+        """
+        self._staging()  # fail before the (slow) cast when not open
+        target = _as_dtype(dtype)
+        tensors, aliases = _dedupe_and_cast(state_dict, target)
+        floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        stored = _dtype_name(floats.pop()) if len(floats) == 1 else "mixed"
+        header = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION}
+        _write_json(self._new_file(CONFIG_NAME), {**header, **config.to_dict()}, CONFIG_NAME)
+        metadata = {
+            "format": "pt",  # what transformers' safetensors reader expects
+            "format_version": str(FORMAT_VERSION),
+            "dtype": stored,
+            "tied": json.dumps(aliases),
+        }
+        save_file(tensors, str(self._new_file(WEIGHTS_NAME)), metadata=metadata)
+
+    def copy_tokenizer(self, tokenizer_dir: str | os.PathLike[str]) -> None:
+        """Copy the files of a tokenizer folder (tokenizer.json, tokenizer_config.json, ...).
+
+        Weight files, reserved checkpoint names, hidden files and subfolders are skipped, so
+        a checkpoint folder may serve as the tokenizer source.
+        """
+        src = Path(tokenizer_dir)
+        if not src.is_dir() and _old_path(src).is_dir():
+            src = _old_path(src)  # a checkpoint killed mid-swap
+        if not src.is_dir():
+            raise CheckpointError(f"tokenizer folder {tokenizer_dir} does not exist")
+        if not any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            raise CheckpointError(
+                f"tokenizer folder {src} has neither tokenizer.json nor tokenizer_config.json"
+            )
+        for f in sorted(src.iterdir()):
+            if (
+                f.is_file()
+                and f.name not in RESERVED_NAMES
+                and not f.name.startswith(".")
+                and not f.name.endswith(_NOT_TOKENIZER_SUFFIXES)
+            ):
+                shutil.copyfile(f, self._new_file(f.name))
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """meta.json: free JSON metadata (step, tokens seen, loss); read back by read_meta."""
+        _write_json(self._new_file(META_NAME), dict(meta), META_NAME)
+
+    def write_trainer_state(self, state: Mapping[str, Any]) -> None:
+        """trainer_state.pt: torch.save of the resume state; read back by load_trainer_state.
+
+        Keep it to tensors and plain Python containers/numbers/strings so that it loads with
+        weights_only=True (e.g. torch.get_rng_state(), optimizer.state_dict()).
+        """
+        torch.save(dict(state), self._new_file(TRAINER_STATE_NAME))
+
+    def add_file(self, name: str, data: bytes | str | Callable[[Path], Any]) -> Path:
+        """Add `name` (a relative path, may contain '/') to the checkpoint.
+
+        data: bytes; str (written as UTF-8); or a callable that writes a file or a folder at
+        the path it is given (e.g. `lambda p: torch.save(obj, p)`). Returns that path.
+        """
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or not rel.parts or ".." in rel.parts or "\\" in name:
+            raise CheckpointError(f"extra file name must be a relative path inside: {name!r}")
+        if str(rel) in RESERVED_NAMES:
+            raise CheckpointError(f"{name} is written by CheckpointWriter itself, not add_file")
+        target = self._new_file(str(rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            target.write_bytes(bytes(data))
+        elif isinstance(data, str):
+            target.write_text(data, encoding="utf-8")
+        elif callable(data):
+            data(target)
+            if not target.exists():
+                raise CheckpointError(f"the writer of {name} did not create {target}")
+        else:
+            raise TypeError(f"extra file {name}: expected bytes, str or callable(path)")
+        return target
+
+    # -- internals ---------------------------------------------------------------------
+    def _staging(self) -> Path:
+        if self.staging is None:
+            raise RuntimeError(f"CheckpointWriter for {self.path} is not open")
+        return self.staging
+
+    def _new_file(self, name: str) -> Path:
+        target = self._staging() / name
+        if target.exists():
+            raise CheckpointError(f"checkpoint {self.path}: {name} was already written")
+        return target
+
+    @staticmethod
+    def _refuse_foreign(path: Path) -> None:
+        # The swap deletes what was at P: never do that to a folder that is not a checkpoint
+        # (save_checkpoint("out", ...) must not wipe out/).
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"{path} is a dangling symlink, not a checkpoint folder")
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise CheckpointError(f"{path} exists and is not a folder; refusing to replace it")
+        if any(path.iterdir()) and not (
+            (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()
+        ):
+            raise CheckpointError(
+                f"{path} is a non-empty folder without {CONFIG_NAME}: not a checkpoint, "
+                "refusing to replace it"
+            )
+
+    def _lock(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another writer of P is alive
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _discard(self, folder: Path) -> None:
+        # Rename to a temp name first (one atomic step), so a kill during the slow delete
+        # leaves a temp that the next writer removes, never a partial P.old.
+        trash = _temp_path(self.path)
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _tidy(self) -> None:
+        """Under the lock: delete temps of dead writers and a P.old made redundant by P."""
+        old = _old_path(self.path)
+        if self.path.exists() and old.exists():
+            self._discard(old)
+        for entry in self.path.parent.iterdir():
+            if _is_temp_of(self.path, entry.name) and entry != self.staging:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    dtype: str | torch.dtype | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    trainer_state: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes | str | Callable[[Path], Any]] | None = None,
+) -> Path:
+    """Write `model` as a checkpoint folder at `path`, atomically; returns the folder.
+
+    dtype: "fp32" | "bf16" | "fp16" | torch.dtype | None (keep the model's).
+    tokenizer_dir: a tokenizer folder whose files are copied in.
+    extra: JSON metadata -> meta.json (read_meta).
+    trainer_state: resume state -> trainer_state.pt (load_trainer_state).
+    extra_files: {relative name: bytes | str | callable(path)} (see CheckpointWriter.add_file).
+    """
+    with CheckpointWriter(path) as w:
+        w.write_model(model, dtype=dtype)
+        if tokenizer_dir is not None:
+            w.copy_tokenizer(tokenizer_dir)
+        if extra is not None:
+            w.write_meta(extra)
+        if trainer_state is not None:
+            w.write_trainer_state(trainer_state)
+        for name, data in (extra_files or {}).items():
+            w.add_file(name, data)
+    return w.path
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The folder to read for checkpoint `path`: `path`, or `path.old` if a save was killed
+    between its two renames. Every reader (infer, convert, train resume) goes through this."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if _old_path(p).is_dir():
+        return _old_path(p)
+    if p.exists():
+        raise CheckpointError(f"{p} is a file, not a checkpoint folder")
+    raise CheckpointError(f"no checkpoint folder at {p}")
+
+
+def _config_from(folder: Path) -> ModelConfig:
+    data = _read_json(folder / CONFIG_NAME, folder)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG_NAME} is not a JSON object")
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    version = data.pop("format_version", None)
+    if model_type != MODEL_TYPE or not isinstance(version, int):
+        raise CheckpointError(
+            f"checkpoint {folder}: {CONFIG_NAME} is not from minimind.checkpoint "
+            f"(model_type={model_type!r}, format_version={version!r}); transformers folders "
+            "and MiniMind2 .pth files are read by minimind.convert"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {folder}: format_version {version} is newer than this minimind "
+            f"reads ({FORMAT_VERSION}); upgrade minimind"
+        )
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG_NAME}: {e}") from e
+
+
+_READ_ATTEMPTS = 10
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read(path: str | os.PathLike[str], read: Callable[[Path], Any]) -> Any:
+    """read(folder) on the resolved folder, as one consistent snapshot.
+
+    A save that races the read renames the folder away (P -> P.old -> deleted, a new folder
+    at P): the folder's identity (device, inode) changes. Then a file may vanish mid-read, or
+    the read may mix two saves, so it is retried on the new folder.
+    """
+    for _ in range(_READ_ATTEMPTS):
+        folder = resolve_checkpoint(path)
+        before = _identity(folder)
+        try:
+            result = read(folder)
+        except (CheckpointError, FileNotFoundError) as e:
+            if _identity(folder) != before:
+                continue
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {folder}: {e}") from e
+        if _identity(folder) == before:
+            return result
+    raise CheckpointError(f"checkpoint {path} changed {_READ_ATTEMPTS} times while being read")
+
+
+def load_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of checkpoint `path` (strict: unknown fields are an error)."""
+    return _read(path, _config_from)
+
+
+def _meta_from(folder: Path) -> dict[str, Any]:
+    if not (folder / META_NAME).exists():
+        return {}
+    data = _read_json(folder / META_NAME, folder)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {folder}: {META_NAME} is not a JSON object")
+    return data
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `extra` dict saved with the checkpoint (meta.json); {} when none was saved."""
+    return _read(path, _meta_from)
+
+
+def load_trainer_state(
+    path: str | os.PathLike[str], map_location: Any = "cpu", weights_only: bool = True
+) -> dict[str, Any]:
+    """The resume state saved with the checkpoint (trainer_state.pt)."""
+
+    def read(folder: Path) -> dict[str, Any]:
+        file = folder / TRAINER_STATE_NAME
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {TRAINER_STATE_NAME} is missing")
+        try:
+            return torch.load(file, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {folder}: cannot read {TRAINER_STATE_NAME}: {e}"
+            ) from e
+
+    return _read(path, read)
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {folder}: {WEIGHTS_NAME} is missing")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for a corrupt file
+        raise CheckpointError(f"checkpoint {folder}: cannot read {WEIGHTS_NAME}: {e}") from e
+    return tensors, metadata
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> tuple[MiniMindForCausalLM, ModelConfig]:
+    """-> (model in eval mode on `device`, its config), loaded strictly.
+
+    dtype: "fp32" | "bf16" | "fp16" | torch.dtype | None (the dtype stored in the file).
+    Raises CheckpointError naming the folder (and the keys) for anything missing or wrong.
+    """
+    target = _as_dtype(dtype)
+    folder, config, (tensors, metadata) = _read(
+        path, lambda f: (f, _config_from(f), _read_weights(f))
+    )
+    if target is None:  # as stored; fp32 when the file mixes dtypes
+        target = _dtype_from_name(metadata.get("dtype", "")) or torch.float32
+    model = MiniMindForCausalLM(config).to(target)
+    load_weights(model, tensors, source=str(folder / WEIGHTS_NAME))
+    return model.to(device).eval(), config

@@ -218,6 +218,14 @@ def test_bf16_forward_runs():
     assert out.logits.dtype == torch.bfloat16 and cache.layers[0].k.dtype == torch.bfloat16
 
 
+def test_rotary_tables_stay_float32_when_the_model_is_cast():
+    model = make("minimind2-small", num_hidden_layers=1).to(torch.bfloat16)
+    cos, _ = model.model.rotary(torch.tensor([[4000]]))
+    assert cos.dtype == torch.float32
+    exact = (4000 * rope_inv_freq(64, 1e6, None).double()).cos()
+    assert float((cos[0, 0, :32].double() - exact).abs().max()) < 1e-3
+
+
 def test_model_package_imports_only_torch():
     code = (
         "import sys, minimind.model; "

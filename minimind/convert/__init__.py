@@ -1,0 +1,40 @@
+"""Conversion between MiniMind models and other formats; the only package that imports transformers.
+
+minimind2.py  MiniMind2 `.pth` state dicts and MiniMind2 transformers folders (model_type
+              "minimind"): read without transformers, shapes inferred, strict loads
+hf.py         native transformers folders (Llama, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE), both
+              ways; transformers is imported only inside its functions
+cli.py        `scripts/convert_model.py` and `minimind convert`: main(argv)
+"""
+
+from .hf import (
+    ConversionError,
+    config_from_hf,
+    export_hf_folder,
+    hf_architecture,
+    hf_config,
+    load_hf_folder,
+    model_from_hf,
+    to_hf_model,
+)
+from .minimind2 import (
+    infer_config_from_state_dict,
+    load_minimind2_folder,
+    load_minimind2_pth,
+    save_minimind2_pth,
+)
+
+__all__ = [
+    "ConversionError",
+    "config_from_hf",
+    "export_hf_folder",
+    "hf_architecture",
+    "hf_config",
+    "infer_config_from_state_dict",
+    "load_hf_folder",
+    "load_minimind2_folder",
+    "load_minimind2_pth",
+    "model_from_hf",
+    "save_minimind2_pth",
+    "to_hf_model",
+]

@@ -69,11 +69,11 @@ class RotaryEmbedding(nn.Module):
     def set_scaling(self, scaling: dict[str, Any] | None) -> None:
         """Switch YaRN on (a scaling dict) or off (None); tables are rebuilt lazily."""
         self.scaling = scaling
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(self.head_dim, self.theta, scaling), persistent=False
-        )
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
+        # Plain attributes, not buffers: `model.to(bfloat16)` must not round the angles
+        # (at position 4000 a bf16 table is off by more than 1 in cos). They follow the
+        # device of the positions instead.
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, scaling)
+        self.cos = self.sin = torch.empty(0)
 
     def _build(self, length: int, device: torch.device) -> None:
         t = torch.arange(length, device=device, dtype=torch.float32)

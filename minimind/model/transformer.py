@@ -168,9 +168,7 @@ class MiniMindForCausalLM(nn.Module):
         self.config.rope_scaling = None
         if scaling is not None:
             self.config.rope_scaling = ModelConfig(rope_scaling=scaling).rope_scaling
-        device = self.model.embed_tokens.weight.device
         self.model.rotary.set_scaling(self.config.rope_scaling)
-        self.model.rotary.to(device)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""

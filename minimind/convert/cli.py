@@ -1,0 +1,154 @@
+"""The conversion command line (`scripts/convert_model.py`, `minimind convert`): main(argv).
+
+  convert_model.py --input out/full_sft_512.pth --output MiniMind2-Small-hf --tokenizer model/
+  convert_model.py --input MiniMind2-Small --output out/full_sft_512.pth
+  convert_model.py --input MiniMind2-Small --output runs/small --to minimind
+  convert_model.py --weight full_sft --hidden_size 512 --transformers_path MiniMind2-Small-hf
+
+The kind of input is detected: a file is a MiniMind2 `.pth`; a folder is one of our checkpoints
+(minimind.checkpoint: config.json with a format_version) or a transformers folder (MiniMind2's
+own "minimind" type, or Llama/Qwen3/Mixtral/Qwen2-MoE/Qwen3-MoE). `--to` picks the output:
+`hf` (a transformers folder), `pth` (MiniMind2's fp16 state dict) or `minimind` (our checkpoint);
+by default a .pth or one of our checkpoints becomes `hf`, a transformers folder `pth`. A folder
+input's tokenizer files travel with it unless --tokenizer names others. MiniMind's naming also
+works: `--weight/--hidden_size/--use_moe/--save_dir` name the `.pth` as
+`{save_dir}/{weight}_{hidden}[_moe].pth` and `--transformers_path` the folder.
+This file owns argument handling only; the conversions live in minimind2.py and hf.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from minimind.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM
+
+from .hf import ConversionError, export_hf_folder, load_hf_folder
+from .minimind2 import load_minimind2_pth, save_minimind2_pth
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PTH_FLAGS = ("rms_norm_eps", "rope_theta", "max_position_embeddings", "num_experts_per_tok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_model.py",
+        description="Convert between MiniMind2 .pth weights, transformers folders (no remote "
+        "code) and our checkpoint folders.",
+    )
+    p.add_argument("--input", help="a MiniMind2 .pth, a transformers folder or our checkpoint")
+    p.add_argument("--output", help="the file or folder to write")
+    p.add_argument(
+        "--to",
+        choices=["hf", "pth", "minimind"],
+        help="transformers folder, MiniMind2 .pth or our checkpoint (default: see above)",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder to include (default: the input folder's)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float16",
+        help="weights of an hf or minimind output (a .pth is always float16)",
+    )
+    g = p.add_argument_group("MiniMind naming (instead of --input/--output)")
+    g.add_argument("--save_dir", default="out", help="folder of the .pth files")
+    g.add_argument("--weight", help="weight prefix, e.g. full_sft")
+    g.add_argument("--hidden_size", type=int, help="hidden size in the .pth name")
+    g.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="'_moe' in the name")
+    g.add_argument("--transformers_path", help="the transformers folder")
+    a = p.add_argument_group("what a .pth cannot tell (defaults: MiniMind2's)")
+    a.add_argument("--num_attention_heads", type=int, help="default 8 (or from q_norm)")
+    a.add_argument("--num_key_value_heads", type=int, help="default: from k_proj's shape")
+    a.add_argument("--rms_norm_eps", type=float)
+    a.add_argument("--rope_theta", type=float)
+    a.add_argument("--max_position_embeddings", type=int)
+    a.add_argument("--num_experts_per_tok", type=int)
+    a.add_argument(
+        "--inference_rope_scaling", action="store_true", help="switch on MiniMind2's YaRN (x16)"
+    )
+    return p
+
+
+def _kind(path: Path) -> str:
+    """ "pth", "minimind" (our checkpoint folder) or "hf" (any transformers folder)."""
+    if path.is_file():
+        return "pth"
+    try:
+        cfg = resolve_checkpoint(path) / "config.json"  # also finds a killed save's path.old
+    except CheckpointError:
+        raise FileNotFoundError(f"no such file or folder: {path}") from None
+    ours = cfg.is_file() and "format_version" in json.loads(cfg.read_text(encoding="utf-8"))
+    return "minimind" if ours else "hf"
+
+
+def _paths(args, parser) -> tuple[Path, Path, str]:
+    """-> (input, output, output kind) from --input/--output or MiniMind's naming."""
+    if args.input:
+        if not args.output:
+            parser.error("--output is required with --input")
+        src, dst = Path(args.input), Path(args.output)
+        return src, dst, args.to or ("pth" if _kind(src) == "hf" else "hf")
+    if not (args.weight and args.hidden_size and args.transformers_path):
+        parser.error("give --input/--output, or --weight, --hidden_size and --transformers_path")
+    moe = "_moe" if args.use_moe else ""
+    pth = Path(args.save_dir) / f"{args.weight}_{args.hidden_size}{moe}.pth"
+    folder = Path(args.transformers_path)
+    to = args.to or "hf"  # MiniMind's script converts torch -> transformers by default
+    return (pth, folder, to) if to == "hf" else (folder, pth, to)
+
+
+def _load(src: Path, args, parser) -> MiniMindForCausalLM:
+    kind = _kind(src)
+    yarn = MINIMIND2_YARN if args.inference_rope_scaling else None
+    if kind == "pth":
+        overrides = {k: getattr(args, k) for k in PTH_FLAGS if getattr(args, k) is not None}
+        return load_minimind2_pth(
+            src, args.num_attention_heads, args.num_key_value_heads, rope_scaling=yarn, **overrides
+        )
+    if (
+        args.num_attention_heads
+        or args.num_key_value_heads
+        or any(getattr(args, k) is not None for k in PTH_FLAGS)
+    ):
+        parser.error("architecture flags apply to a .pth input; a folder has its config.json")
+    model = load_hf_folder(src) if kind == "hf" else load_checkpoint(src, dtype=torch.float32)[0]
+    if yarn:
+        model.set_rope_scaling(yarn)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        src, dst, to = _paths(args, parser)
+        if to == "pth" and _kind(src) == "pth":
+            parser.error(f"{src} is already a .pth file")
+        model = _load(src, args, parser)
+        tokenizer = args.tokenizer
+        if tokenizer is None and src.is_dir() and (src / "tokenizer.json").is_file():
+            tokenizer = src
+        dtype = DTYPES[args.dtype]
+        if to == "hf":
+            what = export_hf_folder(model, dst, tokenizer, dtype)
+        elif to == "minimind":
+            save_checkpoint(dst, model, dtype=dtype, tokenizer_dir=tokenizer)
+            what = f"minimind checkpoint, {args.dtype}"
+        else:
+            save_minimind2_pth(model, dst)
+            what = "MiniMind2 .pth, float16"
+    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{src} -> {dst} ({what}, {model.num_parameters() / 1e6:.2f}M parameters)")
+    return 0
