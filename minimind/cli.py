@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "validate a jsonl file: kind, records, token lengths, bad lines",
     ),
     "data demo": ("minimind.data.commands:demo_main", "write the offline demo corpus"),
+    "convert": (
+        "minimind.convert.cli:main",
+        "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",
+    ),
 }
 
 
