@@ -26,6 +26,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model.py
+	$(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -22,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.data.commands:check_main",
         "validate a jsonl file: kind, records, token lengths, bad lines",
     ),
+    "data prepare": (
+        "minimind.data.commands:prepare_main",
+        "tokenize a jsonl file into token shards (parallel, resumable)",
+    ),
+    "data download": (
+        "minimind.data.commands:download_main",
+        "fetch MiniMind's public data files (Hugging Face or ModelScope)",
+    ),
     "data demo": ("minimind.data.commands:demo_main", "write the offline demo corpus"),
     "convert": (
         "minimind.convert.cli:main",

@@ -1,4 +1,5 @@
-"""Command lines over data files: `data check`, `data demo`, `tokenizer train`.
+"""Command lines over data files: `data check`, `data demo`, `data prepare`, `data download`,
+`tokenizer train`.
 
 Each is `main(argv) -> exit code`, listed in minimind/cli.py. The work is in formats.py,
 check.py, demo.py and minimind.tokenizer; this file only parses arguments and prints.
@@ -90,4 +91,70 @@ def tokenizer_train_main(argv: list[str] | None = None) -> int:
         return 1
     ratio = compression(load_tokenizer(out), held_out)
     print(f"saved {out}: {ratio:.2f} chars/token on {len(held_out)} held-out texts")
+    return 0
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """`minimind data prepare --data_path F --tokenizer DIR --out DIR`: jsonl -> token shards."""
+    import os
+    import sys
+
+    from .prepare import StaleShardsError, prepare
+
+    parser = argparse.ArgumentParser(prog="minimind data prepare", description=prepare_main.__doc__)
+    parser.add_argument("--data_path", type=Path, required=True, help="a jsonl file")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder or tokenizer.json")
+    parser.add_argument("--out", type=Path, help="shard folder (default: dataset/shards/STEM)")
+    parser.add_argument("--kind", choices=KINDS, help="skip detection")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max_seq_len", type=int, help="cut chat documents to this context")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    parser.add_argument("--overwrite", action="store_true", help="replace stale shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    out = args.out or paths.dataset_dir() / "shards" / args.data_path.stem
+    try:
+        report = prepare(
+            args.data_path,
+            args.tokenizer,
+            out,
+            kind=args.kind,
+            workers=args.workers,
+            max_seq_len=args.max_seq_len,
+            on_error=args.on_error,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (DataError, StaleShardsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.format())
+    return 0
+
+
+def download_main(argv: list[str] | None = None) -> int:
+    """`minimind data download NAME...`: fetch MiniMind's public data files from a hub."""
+    import sys
+
+    from .download import FILES, SOURCES, DownloadError, download
+
+    parser = argparse.ArgumentParser(
+        prog="minimind data download",
+        description=download_main.__doc__,
+        epilog="names: " + ", ".join(f.removesuffix(".jsonl") for f in FILES),
+    )
+    parser.add_argument("names", nargs="+", metavar="NAME", help="e.g. sft_mini_512")
+    parser.add_argument("--source", choices=SOURCES, default="huggingface")
+    parser.add_argument("--out", type=Path, default=paths.dataset_dir())
+    args = parser.parse_args(argv)
+    for name in args.names:
+        try:
+            path = download(name, args.source, args.out)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except DownloadError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(path)
     return 0

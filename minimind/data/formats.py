@@ -176,7 +176,7 @@ def split_reasoning(content: str) -> tuple[str, str] | None:
 
 # ---------------------------------------------------------------- parsing one decoded object
 
-_MISSING = object()
+BLANK = object()
 
 
 def _json_type(value: Any) -> str:
@@ -203,8 +203,8 @@ def _join(parent: str, key: str) -> str:
 
 def _required(obj: dict, key: str, typ: type, expected: str, parent: str = "") -> Any:
     where = _join(parent, key)
-    value = obj.get(key, _MISSING)
-    if value is _MISSING:
+    value = obj.get(key, BLANK)
+    if value is BLANK:
         raise DataError("missing_field", "missing field", field=where)
     if not isinstance(value, typ):
         raise _wrong_type(where, expected, value)
@@ -246,10 +246,10 @@ def _message(raw: Any, where: str) -> Message:
         reasoning = raw.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
             raise _wrong_type(f"{where}.reasoning_content", "string", reasoning)
-    content = raw.get("content", _MISSING)
-    if tool_calls is not None and content in (None, _MISSING):
+    content = raw.get("content", BLANK)
+    if tool_calls is not None and content in (None, BLANK):
         content = ""
-    elif content is _MISSING:
+    elif content is BLANK:
         raise DataError("missing_field", "missing field", field=f"{where}.content")
     elif not isinstance(content, str):
         raise _wrong_type(f"{where}.content", "string", content)
@@ -408,8 +408,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_WHITESPACE = " \t\r\n"
 
 
-def _decode_line(raw: bytes, name: str, lineno: int) -> Any:
-    """The JSON value on one line, or `_MISSING` for a blank line; raises a located DataError."""
+def decode_line(raw: bytes, name: str, lineno: int) -> Any:
+    """The JSON value on one line, or `BLANK` for a blank line; raises a located DataError."""
     if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8) :]
     try:
@@ -419,7 +419,7 @@ def _decode_line(raw: bytes, name: str, lineno: int) -> Any:
         detail = f"invalid UTF-8 at byte {exc.start} ({bad!r}): {exc.reason}"
         raise DataError("invalid_utf8", detail, path=name, line=lineno) from None
     if not text.strip(_JSON_WHITESPACE):
-        return _MISSING
+        return BLANK
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -451,19 +451,19 @@ def iter_json_values(
         for lineno, raw in enumerate(f, 1):
             summary.lines += 1
             try:
-                value = _decode_line(raw, name, lineno)
+                value = decode_line(raw, name, lineno)
             except DataError as err:
                 summary.add_bad(err)
                 if on_error == "raise":
                     raise
                 continue
-            if value is _MISSING:
+            if value is BLANK:
                 summary.blank_lines += 1
             else:
                 yield lineno, value
 
 
-def _check_on_error(on_error: str) -> None:
+def check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
@@ -488,7 +488,7 @@ class RecordReader:
         on_error: OnError = "raise",
         max_examples: int = 5,
     ) -> None:
-        _check_on_error(on_error)
+        check_on_error(on_error)
         if kind is not None and kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
         self.path = path
