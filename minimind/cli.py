@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fetch MiniMind's public data files (Hugging Face or ModelScope)",
     ),
     "data demo": ("minimind.data.commands:demo_main", "write the offline demo corpus"),
+    "train": (
+        "minimind.train.cli:main",
+        "train a stage: pretrain | sft | lora (MiniMind's flags; torchrun for DDP/FSDP2)",
+    ),
     "convert": (
         "minimind.convert.cli:main",
         "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",

@@ -1,0 +1,1 @@
+"""The one training engine (engine.py) and the stages that plug into it (stages/)."""

@@ -1,0 +1,431 @@
+"""THE training loop, shared by every stage: devices, DDP/FSDP2, precision, accumulation,
+clipping, schedule, evaluation, logging, checkpoints and exact resume.
+
+A stage (stage.py) gives datasets, collation and a loss; this file does everything else, and
+knows nothing of tokens, chat templates or preference pairs.
+
+Decisions:
+- Loss normalisation: each micro-batch's summed loss is divided by the number of loss units
+  (tokens, pairs) in the WHOLE step: all micro-batches of all processes, counted before any
+  forward pass and summed with one all-reduce. Gradients are therefore identical however the
+  step's samples are split between accumulation and processes. DDP and FSDP2 average
+  gradients over processes, so the loss is also multiplied by the world size.
+- Weight decay applies to matrices and embeddings (dim >= 2), never to norm gains (dim 1);
+  AdamW (Loshchilov & Hutter 2019), fused on CUDA.
+- Master weights are fp32; bf16/fp16 come from autocast (fp16 with a gradient scaler).
+- The schedule is a function of global samples seen, so it survives a change of world size.
+- Exact resume: a step checkpoint holds weights (fp32), optimizer state (as a full,
+  FQN-keyed state dict, so it loads under DDP, FSDP2 or one process), the sampler position in
+  global samples, counters, the tracker run id and every process's RNG states. The DataLoader
+  gets its own generator, so building one never draws from the global RNG. At the same world
+  size a resumed run is bit-identical to an uninterrupted one on CPU; at another world size it
+  continues at the exact next sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.data import DataLoader
+
+from minimind.checkpoint import (
+    CheckpointWriter,
+    load_trainer_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
+from minimind.data.sampler import ResumableSampler
+
+from . import distributed as D
+from .config import TrainConfig
+from .schedule import lr_at
+from .stage import Stage
+from .state import (
+    check_compatible,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    step_checkpoints,
+    step_dir,
+)
+from .tracking import Tracker, device_peak_tflops, flops_per_token
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split by the decay rule: dim >= 2 decays, dim 1 does not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+class Trainer:
+    """Runs `stage` on `model` with `config`. `fit()` returns the final checkpoint folder.
+
+    The caller builds the model identically on every process (same seed), as FSDP2 shards
+    whatever each process holds.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        stage: Stage,
+        model: nn.Module,
+        *,
+        tokenizer_dir: str | Path | None = None,
+        world: D.World | None = None,
+    ):
+        self.config, self.stage, self.tokenizer_dir = config, stage, tokenizer_dir
+        self.world = world or D.setup(config.device)
+        self.run_dir = Path(config.out_dir)
+        self.model = stage.prepare_model(model).to(self.world.device)
+        self.step = 0
+        self.samples_seen = 0
+        self.tracker_run_id: str | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "model_config": self.model.config.to_dict(),
+            "stage": self.stage.name,
+            **self.stage.fingerprint(),
+        }
+
+    def _autocast(self):
+        cfg, dev = self.config, self.world.device
+        if cfg.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=dev.type, dtype=AUTOCAST[cfg.dtype])
+
+    def _build(self) -> None:
+        cfg, world, model = self.config, self.world, self.model
+        if cfg.activation_checkpointing:
+            model.set_activation_checkpointing(True)
+        self.resume_from = None
+        if cfg.resume:
+            found = step_checkpoints(self.run_dir)
+            if found:
+                self.resume_from = found[-1][1]
+                check_compatible(
+                    read_meta(self.resume_from).get("fingerprint", {}),
+                    self._fingerprint(),
+                    self.resume_from,
+                )
+                from safetensors.torch import load_file
+
+                weights = load_file(str(self.resume_from / "model.safetensors"))
+                load_weights(model, weights, str(self.resume_from))
+        self.wrapped = D.wrap(model, world, cfg.fsdp)
+        self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        fused = world.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=cfg.betas,
+            fused=fused or None,
+        )
+        self.scaler = torch.amp.GradScaler(world.device.type) if cfg.dtype == "fp16" else None
+        self.train_set = self.stage.train_dataset()
+        group = self.stage.group_by_length
+        per_step = cfg.batch_size * cfg.accumulation_steps * world.world_size
+        # Length groups of one step's global batch: the order, and so the trajectory, depends
+        # on the global batch size only, not on how it is split into micro-batches and ranks.
+        self.sampler = ResumableSampler(
+            len(self.train_set),
+            seed=cfg.seed,
+            rank=world.rank,
+            world_size=world.world_size,
+            lengths=self.train_set.lengths if group else None,
+            group_size=per_step if group else None,
+            drop_last=world.distributed,
+        )
+        steps_per_epoch = math.ceil(len(self.train_set) / per_step)
+        self.total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_samples = min(cfg.epochs * len(self.train_set), self.total_steps * per_step)
+        if self.resume_from is not None:
+            self._restore(load_trainer_state(self.resume_from))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        world = self.world
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.tracker_run_id = state.get("tracker_run_id")
+        rngs = state["rng"]
+        if len(rngs) == world.world_size:
+            set_rng_state(rngs[world.rank])
+        else:  # another world size: data order is exact, dropout streams start afresh
+            seed_everything(self.config.seed + 1000003 * self.step + world.rank)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        cfg, world = self.config, self.world
+        seed_everything(cfg.seed + world.rank)
+        self._build()
+        self.tracker = Tracker(
+            self.run_dir,
+            {"train": cfg.to_dict(), **self._fingerprint()},
+            world.is_main,
+            tracker=cfg.tracker,
+            project=cfg.tracker_project,
+            run_id=self.tracker_run_id,
+            tensorboard=cfg.tensorboard,
+            total_steps=self.total_steps,
+            start_step=self.step,
+        )
+        self.tracker_run_id = self.tracker.run_id
+        self.flops_per_token = flops_per_token(self.model.config, self._seq_len_hint())
+        self.peak = device_peak_tflops(world.device, cfg.peak_tflops)
+        self.model.train()
+        last_saved = self.step if self.resume_from is not None else -1
+        try:
+            while self.step < self.total_steps and self.sampler.epoch < cfg.epochs:
+                for micro in self._epoch_steps():
+                    metrics = self._train_step(micro)
+                    self.step += 1
+                    if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                        self.tracker.log(self.step, metrics)
+                    if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                        self._log_eval()
+                    if cfg.save_interval and self.step % cfg.save_interval == 0:
+                        self._save_step()
+                        last_saved = self.step
+                    if self.step >= self.total_steps:
+                        break
+            if not cfg.eval_interval or self.step % cfg.eval_interval:
+                self._log_eval()
+            if last_saved != self.step:
+                self._save_step()
+            return step_dir(self.run_dir, self.step)
+        finally:
+            self.tracker.close()
+
+    def _seq_len_hint(self) -> int:
+        item = self.train_set[0]
+        first = item[0] if isinstance(item, tuple | list) else next(iter(item.values()))
+        return int(first.shape[-1])
+
+    def _loader(self, indices) -> DataLoader:
+        cfg = self.config
+        chunks = [
+            indices[i : i + cfg.batch_size].tolist() for i in range(0, len(indices), cfg.batch_size)
+        ]
+        return DataLoader(
+            self.train_set,
+            batch_sampler=chunks,
+            collate_fn=self.stage.collate,
+            num_workers=cfg.num_workers,
+            pin_memory=self.world.device.type == "cuda",
+            generator=torch.Generator(),  # never draw from the global RNG (exact resume)
+        )
+
+    def _epoch_steps(self):
+        """Yield the micro-batches of each optimizer step for the rest of the current epoch."""
+        epoch = self.sampler.epoch
+        micro: list = []
+        for batch in self._loader(self.sampler.indices()):
+            micro.append(batch)
+            if len(micro) == self.config.accumulation_steps:
+                yield micro
+                micro = []
+                if self.sampler.epoch != epoch or self.step >= self.total_steps:
+                    return
+        if micro:
+            yield micro
+        if self.sampler.epoch == epoch:  # nothing left for this rank in the epoch
+            self.sampler.set_epoch(epoch + 1)
+
+    def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        cfg, world, stage = self.config, self.world, self.stage
+        t0 = time.perf_counter()
+        counts = [stage.count(b).to(torch.float64) for b in micro]
+        local = torch.stack(counts).sum().to(world.device)
+        total = D.all_reduce_sum(local, world).clamp(min=1)
+        scale = world.world_size / total
+        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            batch = _to(batch, world.device)
+            last = i == len(micro) - 1
+            with self._sync(last), self._autocast():
+                out = stage.loss(self.forward_model, batch)
+                loss = out.loss_sum.float() * scale.float()
+                if out.aux is not None:
+                    # The balance loss is a per-forward mean: weight it by the micro-batch's
+                    # share of the step's units so that splitting the step changes nothing.
+                    loss = loss + out.aux.float() * (counts[i].to(world.device) * scale).float()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += out.loss_sum.detach().double()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else torch.zeros(())
+        )
+        lr = lr_at(
+            self.samples_seen,
+            self.total_samples,
+            cfg.learning_rate,
+            cfg.min_lr_ratio,
+            cfg.warmup_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        local_samples = sum(len(next(iter(b.values()))) for b in micro)
+        self.sampler.advance(local_samples * world.world_size)
+        self.samples_seen += local_samples * world.world_size
+        mean_loss = float(D.all_reduce_sum(loss_sum, world) / total)
+        elapsed = time.perf_counter() - t0
+        tokens = float(total) if stage.count_is_tokens else 0.0
+        metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        metrics.update({k: v / float(total) * world.world_size for k, v in sums.items()})
+        if tokens:
+            metrics["tokens_per_s"] = tokens / elapsed
+            if self.peak:
+                achieved = tokens / elapsed * self.flops_per_token / world.world_size
+                metrics["mfu"] = achieved / (self.peak * 1e12)
+        return metrics
+
+    def _sync(self, last: bool):
+        """Gradient sync only on the last micro-batch of a step."""
+        w = self.wrapped
+        if hasattr(w, "no_sync") and not last:
+            return w.no_sync()
+        if hasattr(w, "set_requires_gradient_sync"):  # FSDP2
+            w.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per unit over the first `eval_batches` batches of the eval split."""
+        eval_set = self.stage.eval_dataset()
+        if eval_set is None or len(eval_set) == 0:
+            return None
+        cfg, world = self.config, self.world
+        n = min(len(eval_set), cfg.eval_batches * cfg.batch_size * world.world_size)
+        indices = torch.arange(world.rank, n, world.world_size)
+        loader = DataLoader(
+            eval_set,
+            batch_sampler=[
+                indices[i : i + cfg.batch_size].tolist()
+                for i in range(0, len(indices), cfg.batch_size)
+            ],
+            collate_fn=self.stage.collate,
+            generator=torch.Generator(),
+        )
+        self.model.eval()
+        loss = torch.zeros((), dtype=torch.float64, device=world.device)
+        units = torch.zeros((), dtype=torch.float64, device=world.device)
+        for batch in loader:
+            batch = _to(batch, world.device)
+            with self._autocast():
+                loss += self.stage.loss(self.forward_model, batch).loss_sum.double()
+            units += self.stage.count(batch).double()
+        self.model.train()
+        return float(D.all_reduce_sum(loss, world) / D.all_reduce_sum(units, world).clamp(min=1))
+
+    def _log_eval(self) -> None:
+        value = self.evaluate()
+        if value is not None:
+            self.tracker.log(self.step, {"eval_loss": value})
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_step(self) -> Path:
+        """Every process takes part (FSDP2 gathers); only rank 0 writes."""
+        cfg, world = self.config, self.world
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=full)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        rngs: list[Any] = [None] * world.world_size
+        if world.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        path = step_dir(self.run_dir, self.step)
+        if world.is_main:
+            with CheckpointWriter(path) as w:
+                w.write_weights(weights, self.model.config)
+                if self.tokenizer_dir is not None:
+                    w.copy_tokenizer(self.tokenizer_dir)
+                w.write_meta(
+                    {
+                        "step": self.step,
+                        "samples_seen": self.samples_seen,
+                        "world_size": world.world_size,
+                        "train_config": cfg.to_dict(),
+                        "fingerprint": self._fingerprint(),
+                    }
+                )
+                w.write_trainer_state(
+                    {
+                        "optimizer": optim,
+                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                        "sampler": self.sampler.state_dict(),
+                        "step": self.step,
+                        "samples_seen": self.samples_seen,
+                        "rng": rngs,
+                        "tracker_run_id": self.tracker_run_id,
+                    }
+                )
+            for _, old in step_checkpoints(self.run_dir)[: -cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier(world)
+        return path
+
+    def export(self, path: str | Path, dtype: str | None = None) -> Path:
+        """The trained model as a plain checkpoint folder (the stage's export form, e.g. LoRA
+        merged), written by rank 0."""
+        path = Path(path)
+        if self.world.is_main:
+            save_checkpoint(
+                path,
+                self.stage.export_model(self.model),
+                dtype=dtype,
+                tokenizer_dir=self.tokenizer_dir,
+            )
+        D.barrier(self.world)
+        return path

@@ -1,0 +1,63 @@
+"""Tiny data for training tests: a demo corpus, a small tokenizer, prepared shards; and a
+worker entry point (`python tests/train_fixtures.py RUN_DIR SHARDS STEPS`) that the kill test
+starts, SIGKILLs and restarts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from minimind.data.demo import write_demo_corpus
+from minimind.data.prepare import prepare
+from minimind.model import MiniMindForCausalLM, preset
+from minimind.tokenizer import train_tokenizer
+from minimind.train.config import TrainConfig
+from minimind.train.engine import Trainer
+from minimind.train.stages.pretrain import PretrainStage
+
+SEQ = 32
+
+
+def make_data(root: Path) -> dict[str, Path]:
+    files = write_demo_corpus(root / "corpus", seed=0, size_mb=0.05)
+    texts = [line for line in files["pretrain"].read_text("utf-8").splitlines()]
+    tok = train_tokenizer(texts, root / "tok", vocab_size=400, show_progress=False)
+    out = {"tokenizer": tok}
+    for kind in ("pretrain", "sft"):
+        prepare(
+            files[kind],
+            tok,
+            root / f"shards_{kind}",
+            max_seq_len=None if kind == "pretrain" else 96,
+        )
+        out[kind] = root / f"shards_{kind}"
+    return out
+
+
+def tiny_model(vocab: int = 400, **kw) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(preset("tiny", vocab_size=vocab, **kw))
+
+
+def train(run_dir, shards, steps, resume=True, **kw) -> Path:
+    config = TrainConfig(
+        out_dir=str(run_dir),
+        max_steps=steps,
+        batch_size=4,
+        dtype="fp32",
+        log_interval=1,
+        save_interval=1,
+        seed=1,
+        resume=resume,
+        learning_rate=1e-2,
+        **kw,
+    )
+    trainer = Trainer(config, PretrainStage(shards, SEQ, max_eval=4), tiny_model(dropout=0.1))
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    train(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
