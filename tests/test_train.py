@@ -110,3 +110,31 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(data, tmp_path):
     assert resumed.keys() == reference.keys()
     for k in reference:
         assert torch.equal(resumed[k], reference[k]), k
+
+
+def test_lora_stage_trains_adapters_only_and_exports_merged(data, tmp_path):
+    from minimind.checkpoint import load_checkpoint
+    from minimind.model.lora import LoRAConfig
+    from minimind.train.stages.lora import LoRAStage
+
+    base = tiny_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    stage = LoRAStage(data["sft"], 96, LoRAConfig(r=4), max_eval=4)
+    config = TrainConfig(
+        out_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, dtype="fp32", learning_rate=1e-2
+    )
+    trainer = Trainer(config, stage, base)
+    trainer.fit()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    for name, p in trainer.model.named_parameters():
+        if name.endswith(".base.weight"):  # frozen base weights did not move
+            assert torch.equal(p, before[name.replace(".base.weight", ".weight")]), name
+    out = trainer.export(tmp_path / "final")
+    merged, _ = load_checkpoint(out)
+    ids = torch.randint(3, 400, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(ids).logits, trainer.model.eval()(ids).logits, atol=1e-5, rtol=1e-5
+        )
+    assert (out / "adapter.safetensors").is_file() and (out / "adapter_config.json").is_file()

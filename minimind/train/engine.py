@@ -426,6 +426,7 @@ class Trainer:
                 self.stage.export_model(self.model),
                 dtype=dtype,
                 tokenizer_dir=self.tokenizer_dir,
+                extra_files=self.stage.export_files(self.model),
             )
         D.barrier(self.world)
         return path

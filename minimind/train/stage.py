@@ -62,6 +62,10 @@ class Stage:
         """The plain model a checkpoint stores (e.g. LoRA merged); default: as is."""
         return model
 
+    def export_files(self, model: nn.Module) -> dict[str, Any]:
+        """Extra files for the final export ({name: bytes | str | callable(path)})."""
+        return {}
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this stage's data and tokenizer; resuming with another is refused."""
         return {}
