@@ -1,17 +1,17 @@
 """`minimind demo` (the README's first command): the offline pipeline, end to end on CPU.
 
 Runs every stage that exists, in order, on the embedded demo corpus, and prints what each
-produced: demo corpus -> validation -> tokenizer -> `demo` model -> self-describing checkpoint
-(reloaded strictly) -> MiniMind2 `.pth` and transformers exports (reloaded, logits compared)
--> chat generation through the KV cache. Training stages join this list as they land; until
-then the model is freshly initialised, and the demo says so rather than pretending.
+produced: demo corpus -> validation -> tokenizer -> token shards -> pretrain -> SFT (both
+through the one engine) -> the checkpoint reloaded strictly -> MiniMind2 `.pth` and
+transformers exports (reloaded, logits compared) -> accuracy on held-out questions (unseen
+phrasings of the world's facts, unseen arithmetic) with sample answers. Later stages (DPO,
+RL, distillation) join this list as they land.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,18 +28,32 @@ def _done(t0: float, text: str) -> None:
     print(f"   {text}  [{time.perf_counter() - t0:.1f}s]")
 
 
-def run(workdir: Path, seed: int = 0, size_mb: float = 3.0, vocab_size: int = 2048) -> dict:
+def run(
+    workdir: Path,
+    seed: int = 0,
+    size_mb: float = 3.0,
+    vocab_size: int = 2048,
+    pretrain_epochs: int = 1,
+    sft_epochs: int = 2,
+    seq_len: int = 256,
+    max_steps: int | None = None,
+) -> dict:
     """The whole demo under `workdir`; returns the paths and figures it printed."""
-    from minimind.checkpoint import load_checkpoint, save_checkpoint
+    from minimind.checkpoint import load_checkpoint
     from minimind.convert.hf import export_hf_folder, load_hf_folder
     from minimind.convert.minimind2 import load_minimind2_pth, save_minimind2_pth
     from minimind.data.check import check_file
     from minimind.data.demo import write_demo_corpus
     from minimind.data.formats import RecordReader
+    from minimind.data.prepare import prepare
     from minimind.data.texts import iter_texts
-    from minimind.infer import generate
+    from minimind.eval.tasks import answer_accuracy
     from minimind.model import MiniMindForCausalLM, preset
-    from minimind.tokenizer import compression, encode_chat, load_tokenizer, train_tokenizer
+    from minimind.tokenizer import compression, load_tokenizer, train_tokenizer
+    from minimind.train.config import TrainConfig
+    from minimind.train.engine import Trainer
+    from minimind.train.stages.pretrain import PretrainStage
+    from minimind.train.stages.sft import SFTStage
 
     torch.manual_seed(seed)
     result: dict = {}
@@ -65,13 +79,44 @@ def run(workdir: Path, seed: int = 0, size_mb: float = 3.0, vocab_size: int = 20
     result["chars_per_token"] = ratio
     _done(t0, f"{tok_dir}: {ratio:.2f} characters/token on {len(held_out)} held-out texts")
 
-    t0 = _step("4. model (`demo` preset)")
-    config = preset("demo", vocab_size=tokenizer.vocab_size)
-    model = MiniMindForCausalLM(config).eval()
-    _done(t0, f"{config.num_parameters() / 1e6:.2f}M parameters, untrained (no training stage yet)")
+    t0 = _step("4. token shards (pre-tokenized once; chat data with assistant-only loss masks)")
+    shards = {}
+    for kind in ("pretrain", "sft"):
+        shards[kind] = workdir / "shards" / kind
+        report = prepare(files[kind], tok_dir, shards[kind], max_seq_len=seq_len)
+        print(f"   {kind:<9} {report.tokens:>9,} tokens in {report.docs:,} documents")
+    _done(t0, f"shards in {workdir / 'shards'}")
 
-    t0 = _step("5. checkpoint: save atomically, reload strictly")
-    ckpt = save_checkpoint(workdir / "checkpoints" / "demo", model, tokenizer_dir=tok_dir)
+    config = preset("demo", vocab_size=tokenizer.vocab_size)
+    model = MiniMindForCausalLM(config)
+    print(f"\n   model: `demo` preset, {config.num_parameters() / 1e6:.2f}M parameters")
+    for name, stage, epochs, lr in (
+        ("pretrain", PretrainStage(shards["pretrain"], seq_len), pretrain_epochs, 2e-3),
+        ("sft", SFTStage(shards["sft"], seq_len), sft_epochs, 1e-3),
+    ):
+        t0 = _step(f"5{'ab'[name == 'sft']}. {name} ({epochs} epoch(s), the one training engine)")
+        train_config = TrainConfig(
+            out_dir=str(workdir / "checkpoints" / name),
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=32,
+            learning_rate=lr,
+            warmup_ratio=0.02,
+            dtype="bf16",
+            log_interval=25,
+            save_interval=0,
+            seed=seed,
+        )
+        trainer = Trainer(train_config, stage, model, tokenizer_dir=tok_dir)
+        trainer.fit()
+        model = trainer.model
+        ckpt = trainer.export(
+            workdir / "out" / f"{'full_sft' if name == 'sft' else name}_{config.hidden_size}"
+        )
+        _done(t0, f"{trainer.step} steps, eval loss {trainer.evaluate():.3f}; {ckpt}")
+    model.eval()
+
+    t0 = _step("6. checkpoint: reload strictly")
     reloaded, _ = load_checkpoint(ckpt)
     probe = torch.tensor([tokenizer.encode("Mira lives in Stonebridge. 1 + 2 = 3.")])
     with torch.no_grad():
@@ -80,8 +125,8 @@ def run(workdir: Path, seed: int = 0, size_mb: float = 3.0, vocab_size: int = 20
     result["checkpoint"] = str(ckpt)
     _done(t0, f"{ckpt} (max |logit diff| after reload {diff:.1e})")
 
-    t0 = _step("6. exports: MiniMind2 .pth and a transformers folder, each reloaded")
-    pth = workdir / "out" / f"pretrain_{config.hidden_size}.pth"
+    t0 = _step("7. exports: MiniMind2 .pth and a transformers folder, each reloaded")
+    pth = workdir / "out" / f"full_sft_{config.hidden_size}.pth"
     save_minimind2_pth(model, pth)
     with torch.no_grad():
         pth_diff = (load_minimind2_pth(pth, 6, 2).eval()(probe).logits - ref).abs().max().item()
@@ -104,22 +149,15 @@ def run(workdir: Path, seed: int = 0, size_mb: float = 3.0, vocab_size: int = 20
         f"re-imported {back_diff:.1e}",
     )
 
-    t0 = _step("7. chat generation through the KV cache (batched, greedy)")
-    # Held-out questions: fact questions in unseen phrasings, arithmetic on unseen operands.
-    held = [RecordReader(files[k]) for k in ("eval_facts", "eval_arith")]
-    questions = [r.prompt[-1].content for reader in held for r in islice(reader, 2)]
-    prompts = [
-        encode_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
-        for q in questions
-    ]
-    start = time.perf_counter()
-    outs = generate(model, prompts, max_new_tokens=24, temperature=0.0)
-    elapsed = time.perf_counter() - start
-    n_tokens = sum(len(o) for o in outs)
-    for q, o in zip(questions, outs):
-        print(f"   Q: {q}\n   A: {tokenizer.decode(o, skip_special_tokens=True)!r}")
-    result["decode_tokens_per_s"] = n_tokens / elapsed
-    _done(t0, f"{n_tokens} tokens at {n_tokens / elapsed:.0f} tokens/s (untrained model: noise)")
+    t0 = _step("8. held-out questions: unseen phrasings of known facts, unseen arithmetic")
+    for task in ("eval_facts", "eval_arith"):
+        records = list(RecordReader(files[task]))
+        acc = answer_accuracy(model, tokenizer, records, max_new_tokens=24)
+        result[f"{task}_accuracy"] = acc.value
+        print(f"   {task}: {acc.correct}/{acc.total} correct ({100 * acc.value:.1f}%)")
+        for question, answer, gold, ok in acc.samples[:2]:
+            print(f"     Q: {question}\n     A: {answer}  [gold {gold}: {'ok' if ok else 'wrong'}]")
+    _done(t0, f"chat with it: minimind chat --load_from {ckpt} (after the chat issue lands)")
     return result
 
 
@@ -129,8 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size-mb", type=float, default=3.0, help="demo pretrain text size")
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--pretrain-epochs", type=int, default=1)
+    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap each stage (smoke runs)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    run(args.workdir, args.seed, args.size_mb, args.vocab_size)
+    run(
+        args.workdir,
+        args.seed,
+        args.size_mb,
+        args.vocab_size,
+        args.pretrain_epochs,
+        args.sft_epochs,
+        max_steps=args.max_steps,
+    )
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; everything is in {args.workdir}")
     return 0

@@ -1,0 +1,1 @@
+"""Evaluation: task accuracy on question/answer sets (tasks.py)."""

@@ -1,0 +1,87 @@
+"""Task accuracy: ask a chat model each held-out question, score its answer against the gold.
+
+Owns `score` (pure: is a free-text answer correct?) and `answer_accuracy` (greedy batched
+generation through minimind.infer, then `score`). Questions come as rlaif records with an
+`answer` field (minimind.data.formats.RLAIFRecord), the format of the demo corpus's eval
+splits, so the same scorer can later serve as a verifiable RL reward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def score(answer: str, gold: str) -> bool:
+    """True when `answer` states `gold`.
+
+    A numeric gold must be the LAST number of the answer (so echoing the question's operands
+    does not count); a gold in Latin script must appear as a whole word, case-insensitively;
+    otherwise (e.g. Chinese) as a substring.
+
+    >>> score("17 - 9 = 8.", "8"), score("17 - 9 = 9.", "8"), score("8 + 1 = 9", "8")
+    (True, False, False)
+    >>> score("By trade, Hugo is a painter.", "painter"), score("painters", "painter")
+    (True, False)
+    >>> score("薇拉的工作是陶艺师。", "陶艺师")
+    True
+    """
+    gold = gold.strip()
+    if _NUMBER.fullmatch(gold):
+        numbers = _NUMBER.findall(answer)
+        return bool(numbers) and float(numbers[-1]) == float(gold)
+    if gold.isascii():
+        return re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", answer, re.IGNORECASE) is not None
+    return gold in answer
+
+
+@dataclass
+class Accuracy:
+    correct: int = 0
+    total: int = 0
+    samples: list[tuple[str, str, str, bool]] = field(default_factory=list)  # q, answer, gold, ok
+
+    @property
+    def value(self) -> float:
+        return self.correct / max(self.total, 1)
+
+
+def answer_accuracy(
+    model,
+    tokenizer,
+    records: Sequence,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    keep_samples: int = 4,
+) -> Accuracy:
+    """Greedy answers to each record's prompt (chat template, generation prompt), scored."""
+    from minimind.infer import generate
+    from minimind.tokenizer import encode_chat
+
+    result = Accuracy()
+    model.eval()
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts = [
+            encode_chat(tokenizer, [m.to_dict() for m in r.prompt], add_generation_prompt=True)[0]
+            for r in batch
+        ]
+        outs = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=[tokenizer.eos_id],
+        )
+        for record, out in zip(batch, outs, strict=True):
+            text = tokenizer.decode(out, skip_special_tokens=True).strip()
+            ok = score(text, record.answer)
+            result.correct += ok
+            result.total += 1
+            if len(result.samples) < keep_samples:
+                result.samples.append((record.prompt[-1].content, text, record.answer, ok))
+    return result
