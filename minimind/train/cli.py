@@ -189,6 +189,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
     from minimind.tokenizer import load_tokenizer
 
     from .config import TrainConfig
+    from .distributed import main_first, setup
     from .engine import Trainer
 
     args = build_parser(stage_name).parse_args(argv)
@@ -196,7 +197,9 @@ def run(stage_name: str, argv: list[str]) -> Path:
     tok_dir = _tokenizer_dir(args, save_dir)
     tokenizer = load_tokenizer(tok_dir)
     model = build_model(args, tokenizer, save_dir)
-    shards = resolve_data(stage_name, args.data_path, tok_dir, args.max_seq_len)
+    world = setup(args.device)
+    with main_first(world):  # rank 0 prepares the shard cache; the others then find it complete
+        shards = resolve_data(stage_name, args.data_path, tok_dir, args.max_seq_len)
     stage = _stage(stage_name, args, shards)
     name = weight_name(args.save_weight, model.config)
     tracker = "wandb" if args.use_wandb else "swanlab" if args.use_swanlab else None
@@ -229,7 +232,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
         tensorboard=args.tensorboard,
         peak_tflops=args.peak_tflops,
     )
-    trainer = Trainer(config, stage, model, tokenizer_dir=tok_dir)
+    trainer = Trainer(config, stage, model, tokenizer_dir=tok_dir, world=world)
     trainer.fit()
     final = trainer.export(save_dir / name)
     if args.save_pth and trainer.world.is_main:

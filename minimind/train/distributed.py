@@ -7,6 +7,7 @@ knows nothing of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -74,6 +75,17 @@ def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """Rank 0 runs the block before the other ranks do (e.g. it builds a shared cache, which
+    the others then find complete and only read). If rank 0 fails, torchrun stops the rest."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
 
 
 def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:

@@ -77,6 +77,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} of parameters registered under several names (a tied head)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
@@ -347,6 +359,11 @@ class Trainer:
             return None
         cfg, world = self.config, self.world
         n = min(len(eval_set), cfg.eval_batches * cfg.batch_size * world.world_size)
+        # Every rank runs the same number of forwards: under FSDP2 each forward all-gathers,
+        # so a rank with one batch more would wait forever for the others.
+        n -= n % world.world_size
+        if n == 0:
+            return None
         indices = torch.arange(world.rank, n, world.world_size)
         loader = DataLoader(
             eval_set,
@@ -379,6 +396,11 @@ class Trainer:
         cfg, world = self.config, self.world
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(self.model, options=full)
+        # FSDP2 gathers a tied head and its embedding into two tensors: share them again, so
+        # the checkpoint stores the pair once, as it does from one process or DDP.
+        for alias, name in tied_names(self.model).items():
+            if alias in weights and name in weights:
+                weights[alias] = weights[name]
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         rngs: list[Any] = [None] * world.world_size
         if world.distributed:
@@ -411,8 +433,11 @@ class Trainer:
                         "tracker_run_id": self.tracker_run_id,
                     }
                 )
-            for _, old in step_checkpoints(self.run_dir)[: -cfg.keep_last]:
+            for step, old in step_checkpoints(self.run_dir)[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+                # The writer's lock file stays after a save; that step is never written again.
+                lock = step_dir(self.run_dir, step)
+                lock.with_name(f".{lock.name}.lock").unlink(missing_ok=True)
         D.barrier(world)
         return path
 
