@@ -138,3 +138,38 @@ def test_lora_stage_trains_adapters_only_and_exports_merged(data, tmp_path):
             merged(ids).logits, trainer.model.eval()(ids).logits, atol=1e-5, rtol=1e-5
         )
     assert (out / "adapter.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+
+def test_cli_missing_data_says_how_to_get_it(tmp_path, monkeypatch, capsys, data):
+    from minimind.train.cli import main
+
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
+    code = main(
+        ["pretrain", "--tokenizer", str(data["tokenizer"]), "--preset", "tiny", "--device", "cpu"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "minimind data demo" in err and "minimind data download" in err
+
+
+def test_cli_vocabulary_mismatch_is_a_clear_error(tmp_path, monkeypatch, capsys, data):
+    from minimind.checkpoint import save_checkpoint
+    from minimind.train.cli import main
+
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
+    save_checkpoint(tmp_path / "base", tiny_model(vocab=512))  # the tokenizer has 400 ids
+    args = ["sft", "--tokenizer", str(data["tokenizer"]), "--from_weight", str(tmp_path / "base")]
+    code = main([*args, "--data_path", str(data["sft"]), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "vocabulary mismatch" in err and "512" in err and "400" in err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_and_activation_checkpointing_train(data, tmp_path, dtype):
+    config = TrainConfig(
+        out_dir=str(tmp_path), max_steps=2, batch_size=4, dtype=dtype, activation_checkpointing=True
+    )
+    trainer = Trainer(config, PretrainStage(data["pretrain"], SEQ, max_eval=4), tiny_model())
+    trainer.fit()
+    assert trainer.model.model.gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+    assert (trainer.scaler is not None) == (dtype == "fp16")
