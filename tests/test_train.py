@@ -173,3 +173,18 @@ def test_low_precision_and_activation_checkpointing_train(data, tmp_path, dtype)
     assert trainer.model.model.gradient_checkpointing
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
     assert (trainer.scaler is not None) == (dtype == "fp16")
+
+
+def test_wandb_offline_run_id_survives_resume(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a dev dependency; installed by `make test`
+    from minimind.checkpoint import load_trainer_state
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tmp_path / "run", data["pretrain"], 2, tracker="wandb")
+    first = load_trainer_state(tmp_path / "run" / "step_00000002")["tracker_run_id"]
+    train(tmp_path / "run", data["pretrain"], 4, tracker="wandb")
+    assert (
+        first and load_trainer_state(tmp_path / "run" / "step_00000004")["tracker_run_id"] == first
+    )
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{first}"))
