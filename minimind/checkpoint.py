@@ -58,6 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from minimind.fsutil import fsync_dir, fsync_file
 from minimind.model import MiniMindForCausalLM, ModelConfig
 
 try:  # POSIX advisory locks; on Windows writers are not serialised (one writer per path).
@@ -178,31 +179,12 @@ def _dtype_from_name(name: str) -> torch.dtype | None:
 # --- filesystem primitives ---------------------------------------------------------------
 
 
-def _fsync_dir(path: Path | str) -> None:
-    # Directory fsync makes renames and new entries durable; Windows cannot open a folder.
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file, then every folder bottom-up (a file's entry lives in its folder)."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            _fsync_file(os.path.join(dirpath, name))
-        _fsync_dir(dirpath)
+            fsync_file(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
 
 
 def _make_dirs(folder: Path) -> None:
@@ -213,7 +195,7 @@ def _make_dirs(folder: Path) -> None:
         folder = folder.parent
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 def _old_path(path: Path) -> Path:
@@ -363,10 +345,10 @@ class CheckpointWriter:
                 if old.exists():  # stale: a killed writer renamed P in after P -> P.old
                     self._discard(old)
                 os.replace(path, old)
-                _fsync_dir(parent)
+                fsync_dir(parent)
             # Killed here: P is missing and P.old is complete; readers fall back to it.
             os.replace(staging, path)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             self.staging = None
             # Committed already: a failed clean-up is left to the next save, not an error.
             with contextlib.suppress(OSError):

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minimind.checkpoint import CheckpointError, load_weights
+from minimind.fsutil import atomic_write
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, ModelConfig
 
 MINIMIND2_HEADS = 8  # query heads of every public MiniMind2 model (key/value heads: 2)
@@ -183,22 +183,6 @@ def load_minimind2_pth(
     )
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_minimind2_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> None:
     """Write MiniMind2's format: a plain fp16 state dict with both tied keys, as its scripts save.
 
@@ -206,7 +190,7 @@ def save_minimind2_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> N
     depend on storage sharing.
     """
     sd = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
-    atomic_torch_save(sd, path)
+    atomic_write(path, lambda f: torch.save(sd, f))
 
 
 # --- transformers folders written by MiniMind's own code (model_type "minimind") ---------------

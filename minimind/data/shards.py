@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from minimind.fsutil import fsync_dir
+
 FORMAT = "minimind-shards"
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -69,23 +71,9 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    # A rename is durable only once the directory entry is; not every platform can open one.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
