@@ -126,6 +126,30 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._split = (self.n_heads * d, self.n_kv * d, self.n_kv * d)
+        self._fused: tuple | None = None  # (weight identity and versions, fused weight)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q (B, T, H*D), k and v (B, T, K*D) from ONE matmul over the concatenated weights.
+
+        One (C, (H + 2K) * D) GEMM runs about twice as fast on CPU as three thin ones (the k/v
+        projections are only K*D = 128 wide). The parameters stay separate, so state dicts
+        keep MiniMind2's names; a LoRA-wrapped projection falls back to three calls. Without
+        autograd the concatenation is cached until a weight changes (decoding reads it once
+        per token).
+        """
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in projs):
+            return tuple(p(x) for p in projs)
+        weights = tuple(p.weight for p in projs)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            fused = torch.cat(weights)
+        else:
+            key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+            if self._fused is None or self._fused[0] != key:
+                self._fused = (key, torch.cat(weights))
+            fused = self._fused[1]
+        return F.linear(x, fused).split(self._split, dim=-1)
 
     def forward(
         self,
@@ -137,9 +161,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
