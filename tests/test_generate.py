@@ -217,3 +217,5 @@ def test_bad_arguments_raise(model, kwargs, message):
 def test_bad_prompts_raise(model, prompts):
     with pytest.raises(ValueError, match="prompt"):
         generate(model, prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt"):
+        stream(model, prompts, max_new_tokens=2)  # at the call, before any step

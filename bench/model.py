@@ -1,0 +1,407 @@
+"""Benchmark: the MiniMind model and minimind.infer.generate against transformers' Llama.
+
+Builds transformers' `LlamaForCausalLM` with exactly our dimensions (hidden, layers, heads, kv
+heads, head dim, intermediate, vocab, tied embeddings, rope theta, norm eps), loads our random
+weights into it (the parameter names are the same), and measures on the same inputs:
+
+1. training step (forward + cross-entropy + backward; no optimizer) tokens/s, eager and
+   torch.compile'd, fp32 and bf16 autocast (CUDA: bf16 autocast only);
+2. greedy decode tokens/s at batch 1 and 8: our `generate` vs `model.generate(do_sample=False)`
+   with its default cache, both forced to the full length with min_new_tokens (so neither stops
+   early on eos); the time covers the whole call, prefill included;
+3. peak memory per case, in MiB over what was resident before it (CUDA: allocated memory;
+   CPU: resident set, after returning freed heap pages to the OS with malloc_trim).
+
+The two sides alternate step by step, so background load on a shared machine hits both alike,
+and the figure reported is the best (fastest) repeat: load only ever adds time. The median is
+kept in the JSON too. Warm-up steps (default 2) absorb torch.compile's compilation, including a
+recompile on the second call. Prints a table and writes JSON (default bench/results/model.json).
+A benchmark, not a test: it never asserts a speed. Run `python bench/model.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minimind.infer import generate
+from minimind.model import MiniMindForCausalLM, ModelConfig, preset
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arg = p.add_argument
+    arg("--preset", default="minimind2-small", help="a dense preset")
+    arg("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    arg("--batch", type=int, default=4, help="training batch size")
+    arg("--seq", type=int, default=256, help="training sequence length")
+    arg("--steps", type=int, default=5, help="timed training steps per case")
+    arg("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    arg("--prompt-len", type=int, default=32, help="decode prompt length")
+    arg("--new-tokens", type=int, default=64, help="decode new tokens per row")
+    arg("--decode-repeats", type=int, default=5, help="timed generate calls per case")
+    arg("--quick", action="store_true", help="tiny preset and sizes: a smoke run of seconds")
+    arg("--skip-compile", action="store_true", help="eager only")
+    arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 32, 2, 1
+        args.prompt_len, args.new_tokens, args.decode_repeats = 8, 8, 1
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+# --- the two models --------------------------------------------------------------------------
+
+
+def llama_twin(model: MiniMindForCausalLM, attn: str = "sdpa"):
+    """transformers' LlamaForCausalLM with `model`'s dimensions and weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c: ModelConfig = model.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        attn_implementation=attn,
+    )
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(model.state_dict(), strict=True)
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype)
+
+
+def build(args: argparse.Namespace):
+    cfg = preset(args.preset)
+    if cfg.use_moe or cfg.qk_norm or cfg.rope_scaling:
+        raise SystemExit(f"--preset {args.preset}: Llama has no MoE / qk-norm / YaRN twin")
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(cfg).to(args.device)
+    return ours, llama_twin(ours)
+
+
+# --- measurement helpers ---------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak extra memory while fn() runs, in MiB; None where it cannot be measured."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        # Return freed heap pages first, so the baseline is live memory, not malloc's cache;
+        # then reset the kernel's high-water mark (Linux >= 4.0, clear_refs "5").
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def alternate(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str):
+    """Run each fn `warmup` times, then `repeats` rounds taking turns; -> {name: [seconds]}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: list[float], tokens: int, mem: float | None) -> dict:
+    return {
+        "tokens_per_s": tokens / min(times),
+        "median_tokens_per_s": tokens / statistics.median(times),
+        "best_ms": min(times) * 1e3,
+        "peak_mem_mib": mem,
+    }
+
+
+def compare(ours: dict, hf: dict) -> dict:
+    mem = None
+    if ours["peak_mem_mib"] and hf["peak_mem_mib"]:
+        mem = ours["peak_mem_mib"] / hf["peak_mem_mib"]
+    return {"speedup": ours["tokens_per_s"] / hf["tokens_per_s"], "mem_ratio": mem}
+
+
+# --- 1. training step ------------------------------------------------------------------------
+
+
+def train_step_fn(model, x, y, device: str, bf16: bool) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+
+    return step
+
+
+def bench_training(ours, hf, args) -> dict:
+    cfg = ours.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    tokens = args.batch * args.seq
+    modes = ["eager"] if args.skip_compile else ["eager", "compile"]
+    precisions = ["bf16"] if args.device == "cuda" else ["fp32", "bf16"]
+    for m in (ours, hf):
+        m.train()
+    results = {}
+    for mode in modes:
+        models = {"ours": ours, "hf": hf}
+        if mode == "compile":
+            torch._dynamo.reset()
+            models = {name: torch.compile(m) for name, m in models.items()}
+        for precision in precisions:
+            fns = {
+                name: train_step_fn(m, x, y, args.device, precision == "bf16")
+                for name, m in models.items()
+            }
+            t0 = time.perf_counter()
+            times = alternate(fns, args.warmup, args.steps, args.device)
+            mems = {name: peak_memory_mib(fn, args.device) for name, fn in fns.items()}
+            case = {n: summarise(times[n], tokens, mems[n]) for n in fns}
+            case.update(compare(case["ours"], case["hf"]))
+            case["wall_s"] = time.perf_counter() - t0
+            results[f"{mode}/{precision}"] = case
+            print(f"  train {mode}/{precision}: {case['wall_s']:.0f} s", file=sys.stderr)
+    for m in (ours, hf):
+        m.zero_grad(set_to_none=True)
+    return results
+
+
+# --- 2. decode -------------------------------------------------------------------------------
+
+
+def decode_dtype(args) -> torch.dtype:
+    """CUDA decodes with bf16 weights; CPU keeps fp32 (generate() runs in the model's dtype)."""
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
+
+
+def bench_decode(ours, hf, args) -> dict:
+    cfg = ours.config
+    n = args.new_tokens
+    dtype = decode_dtype(args)
+    for m in (ours, hf):
+        m.to(dtype).eval()
+    results = {}
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(2 + batch)
+        # Ids from 3 up: no special tokens in the prompts.
+        prompt = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=g)
+        ids = prompt.to(args.device)
+        out: dict[str, list] = {}
+
+        def run_ours(prompt=prompt, out=out) -> None:
+            out["ours"] = generate(
+                ours, prompt.tolist(), max_new_tokens=n, min_new_tokens=n, temperature=0
+            )
+
+        @torch.inference_mode()
+        def run_hf(ids=ids, out=out) -> None:
+            seq = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=cfg.pad_token_id,
+                eos_token_id=cfg.eos_token_id,
+            )
+            out["hf"] = seq[:, ids.shape[1] :].tolist()
+
+        fns = {"ours": run_ours, "hf": run_hf}
+        t0 = time.perf_counter()
+        times = alternate(fns, 1, args.decode_repeats, args.device)
+        mems = {name: peak_memory_mib(fn, args.device) for name, fn in fns.items()}
+        case = {name: summarise(times[name], batch * n, mems[name]) for name in fns}
+        case.update(compare(case["ours"], case["hf"]))
+        # Same weights, both greedy: the tokens should agree (a near-tie may flip one).
+        case["same_tokens_rows"] = sum(a == b for a, b in zip(out["ours"], out["hf"])) / batch
+        case["wall_s"] = time.perf_counter() - t0
+        results[f"batch{batch}"] = case
+        print(f"  decode batch {batch}: {case['wall_s']:.0f} s", file=sys.stderr)
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def meta(args, ours) -> dict:
+    import transformers
+
+    c = ours.config
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": device_name(args.device),
+        "threads": torch.get_num_threads(),
+        # Other processes' load skews CPU timings; kept with the figures it may have skewed.
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "params": ours.num_parameters(),
+        "dims": {
+            k: getattr(c, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "intermediate_size",
+                "vocab_size",
+                "tie_word_embeddings",
+                "rope_theta",
+            )
+        },
+        "train_shape": [args.batch, args.seq],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "decode": {
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "dtype": str(decode_dtype(args)).removeprefix("torch."),
+        },
+        "attention": "sdpa",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def table(report: dict) -> str:
+    def mem(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    def ratio(v):
+        return "-" if v is None else f"{v:.2f}x"
+
+    rows = [("case", "ours tok/s", "HF tok/s", "ours/HF", "ours MiB", "HF MiB", "mem ours/HF")]
+    for section in ("train", "decode"):
+        for name, c in report[section].items():
+            rows.append(
+                (
+                    f"{section} {name}",
+                    f"{c['ours']['tokens_per_s']:.0f}",
+                    f"{c['hf']['tokens_per_s']:.0f}",
+                    f"{c['speedup']:.2f}x",
+                    mem(c["ours"]["peak_mem_mib"]),
+                    mem(c["hf"]["peak_mem_mib"]),
+                    ratio(c["mem_ratio"]),
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # One thread per core; --quick uses one, as toy sizes gain nothing from threads and a
+        # smoke run must not crawl when other processes share the cores.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(1 if args.quick else cores or 1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate()'s advice about flags is noise here
+    ours, hf = build(args)
+    report = {"meta": meta(args, ours)}
+    t0 = time.perf_counter()
+    report["train"] = bench_training(ours, hf, args)
+    report["decode"] = bench_decode(ours, hf, args)
+    report["meta"]["wall_s"] = time.perf_counter() - t0
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    m = report["meta"]
+    print(
+        f"{m['preset']} ({m['params'] / 1e6:.1f}M params) on {m['device_name']}, {m['threads']} threads, "
+        f"torch {m['torch']}, transformers {m['transformers']}; train batch {args.batch} x {args.seq}, "
+        f"decode prompt {args.prompt_len} + {args.new_tokens} new; best of {args.steps} steps / "
+        f"{args.decode_repeats} calls; memory = peak MiB over resident; 1-min load average "
+        f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+    )
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Batched, streaming generation over token ids with the preallocated KV cache.
+
+Owns the decoding loop: left-pad the prompts into one batch, prefill them in one forward pass,
+then feed one token per row per step, applying the logits processors of sampling.py, until each
+row meets a stop token or its length budget. It knows nothing of text: no tokenizer, no chat
+template (those belong to the tokenizer and the chat/serve layers above). It does not change
+the model's train/eval mode; callers put the model in eval mode (dropout off).
+
+Design decisions:
+- Left padding, so every row's next token sits in the last column and one (B, 1) step serves
+  the whole batch; the model counts positions over real tokens only, so a padded row decodes
+  exactly as it would alone.
+- The cache is sized to the longest prompt plus the token budget, not to the model's maximum
+  context: the buffers are allocated (and zeroed) once per call.
+- A row that finishes is dropped from the batch at once (`KVCache.reorder`), rather than
+  decoded along and ignored. A drop copies the cache once (about 0.5 ms per remaining row at
+  400 slots for minimind2-small on 2 CPU cores, under one decode step), while a dead row costs
+  its share of every later step (attention over its keys, the head, the processors). Measured
+  on 2 CPU cores, minimind2-small, rows ending spread over 200 steps, greedy: batch 8, 254 vs
+  176 tokens/s; batch 32, 553 vs 115 tokens/s; dropping only once a quarter or half of the rows
+  had finished fell in between.
+- One host transfer per step (the new tokens, needed anyway to stream them and to test the
+  stop condition); the processors run on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minimind.model import MiniMindForCausalLM
+
+from .sampling import choose, presence_frequency_penalty, repetition_penalty
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate and how to choose tokens; validated at construction.
+
+    temperature 0 means greedy (top_k/top_p then have no effect). stop_token_ids None means
+    the model's eos token. The stop token that ends a row is included in its output.
+    max_len caps prompt + new tokens in the cache (None: the model's max_position_embeddings).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    repetition_penalty: float = 1.0  # over prompt and generated tokens (CTRL / transformers)
+    presence_penalty: float = 0.0  # over generated tokens (OpenAI)
+    frequency_penalty: float = 0.0  # over generated tokens (OpenAI)
+    stop_token_ids: Sequence[int] | None = None
+    min_new_tokens: int = 0  # stop tokens are suppressed before this many new tokens
+    seed: int | None = None  # seeds a private torch.Generator; None draws a fresh seed
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:  # also rejects NaN
+            errors.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            errors.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            errors.append(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                errors.append(f"{name} must be finite, got {value}")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            errors.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.max_len is not None and self.max_len < 2:
+            errors.append(f"max_len must be >= 2, got {self.max_len}")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = tuple(self.stop_token_ids)
+            if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+                errors.append(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+        if errors:
+            raise ValueError("invalid GenerationConfig: " + "; ".join(errors))
+
+
+class Completion(list):
+    """One row's generated token ids (a plain list[int]) plus `finish_reason`: "stop" when it
+    ended on a stop token (the last id), "length" when it ran out of budget."""
+
+    def __init__(self, tokens: Sequence[int] = (), finish_reason: str | None = None):
+        super().__init__(tokens)
+        self.finish_reason = finish_reason
+
+    def __repr__(self) -> str:
+        return f"Completion({list(self)!r}, finish_reason={self.finish_reason!r})"
+
+
+@dataclass
+class Step:
+    """One decoding step, for every prompt row in order.
+
+    tokens[i]: the new token of row i, or None when row i had finished before this step.
+    finish_reasons[i]: "stop" / "length" on the step at which row i finishes, else None.
+    """
+
+    tokens: list[int | None]
+    finish_reasons: list[str | None]
+
+
+def _resolve(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    if config is None:
+        return GenerationConfig(**overrides)
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> ids (B, T) long and mask (B, T) bool (None when no row is padded)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, t - len(p) :] = True
+    lo, hi = int(ids[mask].min()), int(ids[mask].max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {lo}..{hi}")
+    return ids.to(device), (None if bool(mask.all()) else mask.to(device))
+
+
+def stream(
+    model: MiniMindForCausalLM,
+    prompts: list[list[int]],
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> Iterator[Step]:
+    """An iterator of one `Step` per decoding step, until every row has finished.
+
+    `config` and/or keyword overrides of GenerationConfig's fields, e.g.
+    `stream(model, [[1, 2, 3]], max_new_tokens=16, temperature=0)`. Bad arguments raise here,
+    at the call, not at the first step.
+    """
+    cfg = _resolve(config, overrides)
+    mcfg = model.config
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, mcfg.pad_token_id, mcfg.vocab_size, device)
+    max_len = cfg.max_len or mcfg.max_position_embeddings
+    budget = min(cfg.max_new_tokens, max_len - ids.shape[1])
+    if budget < 1:
+        raise ValueError(
+            f"the longest prompt ({ids.shape[1]} tokens) leaves no room in max_len={max_len}"
+        )
+    return _decode(model, ids, mask, cfg, budget)
+
+
+@torch.inference_mode()
+def _decode(
+    model: MiniMindForCausalLM,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    cfg: GenerationConfig,
+    budget: int,
+) -> Iterator[Step]:
+    """The loop behind `stream`: ids (B, T) left-padded, mask (B, T) or None, budget >= 1."""
+    mcfg = model.config
+    device = ids.device
+    b, t = ids.shape
+    stop_ids = cfg.stop_token_ids if cfg.stop_token_ids is not None else (mcfg.eos_token_id,)
+    cache = model.new_cache(b, t + budget)
+
+    # Penalty state, allocated only when used. seen (B, V): in prompt or output (repetition);
+    # counts (B, V): occurrences in the output (presence/frequency).
+    seen = counts = None
+    if cfg.repetition_penalty != 1.0:
+        real = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
+        seen = torch.zeros(b, mcfg.vocab_size, device=device).scatter_add_(1, ids, real) > 0
+    if cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0:
+        counts = torch.zeros(b, mcfg.vocab_size, device=device)
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device)
+        if cfg.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(cfg.seed)
+    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    stop_set = set(stop_ids)
+
+    rows = list(range(b))  # cache row j holds prompt row rows[j]; finished rows are dropped
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    for step in range(budget):
+        logits = logits.float()  # (b', V), b' = rows still running
+        if seen is not None:
+            logits = repetition_penalty(logits, seen, cfg.repetition_penalty)
+        if counts is not None:
+            logits = presence_frequency_penalty(
+                logits, counts, cfg.presence_penalty, cfg.frequency_penalty
+            )
+        if step < cfg.min_new_tokens:
+            logits = logits.index_fill(1, stop_tensor, float("-inf"))
+        tok = choose(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (b',)
+
+        tokens: list[int | None] = [None] * b
+        reasons: list[str | None] = [None] * b
+        keep = []  # cache rows that go on
+        for j, token in enumerate(tok.tolist()):
+            tokens[rows[j]] = token
+            if token in stop_set:
+                reasons[rows[j]] = "stop"
+            elif step == budget - 1:
+                reasons[rows[j]] = "length"
+            else:
+                keep.append(j)
+        yield Step(tokens, reasons)
+        if not keep:
+            return
+
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            tok = tok[index]
+            seen = None if seen is None else seen[index]
+            counts = None if counts is None else counts[index]
+            rows = [rows[j] for j in keep]
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), tok] = True
+        if counts is not None:
+            counts[torch.arange(len(rows), device=device), tok] += 1
+        logits = model(tok[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def generate(
+    model: MiniMindForCausalLM,
+    prompts: list[list[int]],
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> list[Completion]:
+    """The new tokens of each prompt (stop token included), with its finish reason.
+
+    Arguments as for `stream`, e.g. `generate(model, prompts, max_new_tokens=64, top_p=0.9,
+    seed=0)`. Each Completion is a list[int] with a `.finish_reason` attribute.
+    """
+    out = [Completion() for _ in prompts]
+    for step in stream(model, prompts, config, **overrides):
+        for completion, token, reason in zip(out, step.tokens, step.finish_reasons):
+            if token is not None:
+                completion.append(token)
+            if reason is not None:
+                completion.finish_reason = reason
+    return out
