@@ -34,7 +34,7 @@ def run(
     size_mb: float = 3.0,
     vocab_size: int = 2048,
     pretrain_epochs: int = 1,
-    sft_epochs: int = 2,
+    sft_epochs: int = 1,
     seq_len: int = 256,
     max_steps: int | None = None,
 ) -> dict:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=3.0, help="demo pretrain text size")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="cap each stage (smoke runs)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
