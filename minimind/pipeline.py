@@ -37,6 +37,7 @@ def run(
     sft_epochs: int = 1,
     seq_len: int = 256,
     max_steps: int | None = None,
+    eval_limit: int | None = None,
 ) -> dict:
     """The whole demo under `workdir`; returns the paths and figures it printed."""
     from minimind.checkpoint import load_checkpoint
@@ -151,7 +152,7 @@ def run(
 
     t0 = _step("8. held-out questions: unseen phrasings of known facts, unseen arithmetic")
     for task in ("eval_facts", "eval_arith"):
-        records = list(RecordReader(files[task]))
+        records = list(RecordReader(files[task]))[:eval_limit]
         acc = answer_accuracy(model, tokenizer, records, max_new_tokens=24)
         result[f"{task}_accuracy"] = acc.value
         print(f"   {task}: {acc.correct}/{acc.total} correct ({100 * acc.value:.1f}%)")

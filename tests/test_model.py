@@ -236,3 +236,15 @@ def test_model_package_imports_only_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_fused_qkv_training_path_equals_separate_projections_after_fused_adamw():
+    model = make().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 512, (2, 9))
+    model(ids).logits.pow(2).mean().backward()  # autograd on: the fused q/k/v matmul
+    opt.step()  # fused AdamW updates in place without bumping version counters
+    model.eval()
+    with_grad = model(ids).logits.detach()
+    with torch.no_grad():  # separate projections
+        torch.testing.assert_close(model(ids).logits, with_grad, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ from minimind.pipeline import main, run
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end(tmp_path, capsys):
-    result = run(tmp_path, size_mb=0.3, vocab_size=600, max_steps=3)
+    result = run(tmp_path, size_mb=0.3, vocab_size=600, max_steps=3, eval_limit=8)
     assert result["hf_max_abs_diff"] < 1e-4
     assert result["chars_per_token"] > 1.2  # BPE merges beat one byte per token
     assert (tmp_path / "out" / "full_sft_192" / "model.safetensors").is_file()

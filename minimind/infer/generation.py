@@ -55,7 +55,9 @@ class GenerationConfig:
     frequency_penalty: float = 0.0  # over generated tokens (OpenAI)
     stop_token_ids: Sequence[int] | None = None
     min_new_tokens: int = 0  # stop tokens are suppressed before this many new tokens
-    seed: int | None = None  # seeds a private torch.Generator; None draws a fresh seed
+    # Seeds a private torch.Generator: the same seed, prompts and settings give the same tokens.
+    # None draws a fresh seed. The global RNG is never used.
+    seed: int | None = None
     max_len: int | None = None
 
     def __post_init__(self) -> None:

@@ -1,10 +1,10 @@
 """Logits processors and the next-token choice: pure functions over (B, V) logits.
 
 Owns the arithmetic of temperature, top-k, top-p (nucleus), the sign-aware repetition penalty
-and OpenAI's presence/frequency penalties, plus greedy/sampled selection. Each function takes
-logits (B, V) float and returns new logits; none keeps state, touches the model or the global
-RNG (sampling draws from an explicit torch.Generator). Which tokens count as "seen" and when a
-row stops belong to generate.py.
+and OpenAI's presence/frequency penalties, plus greedy/sampled selection. Each processor takes
+logits (B, V) float and returns new logits; `choose` returns token ids (B,). None keeps state,
+touches the model or draws from the global RNG (sampling uses an explicit torch.Generator).
+Which tokens count as seen, and when a row stops, belong to generation.py.
 
 Filtered-out tokens get -inf, so a later softmax gives them probability exactly 0.
 """

@@ -73,7 +73,9 @@ class RotaryEmbedding(nn.Module):
         # (at position 4000 a bf16 table is off by more than 1 in cos). They follow the
         # device of the positions instead.
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, scaling)
-        self.cos = self.sin = torch.empty(0)
+        # Built now, not on first use, so a compiled model does not recompile on its second
+        # call when the table changes shape.
+        self._build(self.initial_len, torch.device("cpu"))
 
     def _build(self, length: int, device: torch.device) -> None:
         t = torch.arange(length, device=device, dtype=torch.float32)
@@ -127,29 +129,23 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self._split = (self.n_heads * d, self.n_kv * d, self.n_kv * d)
-        self._fused: tuple | None = None  # (weight identity and versions, fused weight)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q (B, T, H*D), k and v (B, T, K*D) from ONE matmul over the concatenated weights.
+        """q (B, T, H*D), k and v (B, T, K*D).
 
-        One (C, (H + 2K) * D) GEMM runs about twice as fast on CPU as three thin ones (the k/v
-        projections are only K*D = 128 wide). The parameters stay separate, so state dicts
-        keep MiniMind2's names; a LoRA-wrapped projection falls back to three calls. Without
-        autograd the concatenation is cached until a weight changes (decoding reads it once
-        per token).
+        With autograd on (training), ONE matmul over the concatenated weights: a (C, (H + 2K)*D)
+        GEMM runs about twice as fast on CPU as three thin ones (k/v are only K*D = 128 wide),
+        and the parameters stay separate, so state dicts keep MiniMind2's names. Without
+        autograd (decoding: memory-bound, one token) the three projections run as they are:
+        concatenating would copy the weights every step, and a cached copy could go stale
+        (fused AdamW updates weights without bumping their version counters). A LoRA-wrapped
+        projection always takes the three calls.
         """
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) is nn.Linear for p in projs):
-            return tuple(p(x) for p in projs)
-        weights = tuple(p.weight for p in projs)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            fused = torch.cat(weights)
-        else:
-            key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
-            if self._fused is None or self._fused[0] != key:
-                self._fused = (key, torch.cat(weights))
-            fused = self._fused[1]
-        return F.linear(x, fused).split(self._split, dim=-1)
+        if torch.is_grad_enabled() and all(type(p) is nn.Linear for p in projs):
+            fused = torch.cat([p.weight for p in projs])
+            return F.linear(x, fused).split(self._split, dim=-1)
+        return tuple(p(x) for p in projs)
 
     def forward(
         self,
@@ -171,13 +167,19 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D), views into the preallocated buffers
+        # A single query attends to every cached key; kept as a separate branch rather than
+        # `mask is None and t > 1`, which torch.compile turns into a symbolic bool under
+        # dynamic shapes that SDPA rejects (a graph break per layer on variable-length SFT).
+        causal = mask is None
+        if t == 1:
+            causal = False
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and t > 1,
+            is_causal=causal,
             enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
