@@ -74,12 +74,16 @@ class RotaryEmbedding(nn.Module):
         # device of the positions instead.
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, scaling)
         # Built now, not on first use, so a compiled model does not recompile on its second
-        # call when the table changes shape.
-        self._build(self.initial_len, torch.device("cpu"))
+        # call when the table changes shape. (On the default device: meta inside a meta
+        # context, where shapes are all that is wanted.)
+        self._build(self.initial_len)
 
-    def _build(self, length: int, device: torch.device) -> None:
-        t = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))  # (L, D/2)
+    def _build(self, length: int, device: torch.device | None = None) -> None:
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        if device is not None:
+            inv_freq = inv_freq.to(device)
+        t = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (L, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (L, D): rotate_half pairs i with i + D/2
         self.cos, self.sin = emb.cos(), emb.sin()
 
