@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind.infer import generate
-from minimind.model import MiniMindForCausalLM, ModelConfig, preset
+from minimind.model import MiniMindForCausalLM, preset
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model.json"
 
@@ -74,31 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def llama_twin(model: MiniMindForCausalLM, attn: str = "sdpa"):
-    """transformers' LlamaForCausalLM with `model`'s dimensions and weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' LlamaForCausalLM with `model`'s dimensions and weights (our exporter's
+    mapping, minimind.convert.hf), on the same device, with the given attention kernel."""
+    from minimind.convert.hf import to_hf_model
 
-    c: ModelConfig = model.config
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
-        attn_implementation=attn,
-    )
-    hf = LlamaForCausalLM(hf_cfg)
-    hf.load_state_dict(model.state_dict(), strict=True)
-    p = next(model.parameters())
-    return hf.to(device=p.device, dtype=p.dtype)
+    hf = to_hf_model(model)
+    hf.config._attn_implementation = attn
+    return hf.to(next(model.parameters()).device)
 
 
 def build(args: argparse.Namespace):
