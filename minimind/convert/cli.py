@@ -19,22 +19,17 @@ This file owns argument handling only; the conversions live in minimind2.py and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from minimind.checkpoint import CheckpointError, save_checkpoint
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM
 
-from .hf import ConversionError, export_hf_folder, load_hf_folder
-from .minimind2 import load_minimind2_pth, save_minimind2_pth
+from .detect import load_any, weights_kind
+from .hf import ConversionError, export_hf_folder
+from .minimind2 import save_minimind2_pth
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PTH_FLAGS = ("rms_norm_eps", "rope_theta", "max_position_embeddings", "num_experts_per_tok")
@@ -79,25 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _kind(path: Path) -> str:
-    """ "pth", "minimind" (our checkpoint folder) or "hf" (any transformers folder)."""
-    if path.is_file():
-        return "pth"
-    try:
-        cfg = resolve_checkpoint(path) / "config.json"  # also finds a killed save's path.old
-    except CheckpointError:
-        raise FileNotFoundError(f"no such file or folder: {path}") from None
-    ours = cfg.is_file() and "format_version" in json.loads(cfg.read_text(encoding="utf-8"))
-    return "minimind" if ours else "hf"
-
-
 def _paths(args, parser) -> tuple[Path, Path, str]:
     """-> (input, output, output kind) from --input/--output or MiniMind's naming."""
     if args.input:
         if not args.output:
             parser.error("--output is required with --input")
         src, dst = Path(args.input), Path(args.output)
-        return src, dst, args.to or ("pth" if _kind(src) == "hf" else "hf")
+        return src, dst, args.to or ("pth" if weights_kind(src) == "hf" else "hf")
     if not (args.weight and args.hidden_size and args.transformers_path):
         parser.error("give --input/--output, or --weight, --hidden_size and --transformers_path")
     moe = "_moe" if args.use_moe else ""
@@ -108,23 +91,19 @@ def _paths(args, parser) -> tuple[Path, Path, str]:
 
 
 def _load(src: Path, args, parser) -> MiniMindForCausalLM:
-    kind = _kind(src)
-    yarn = MINIMIND2_YARN if args.inference_rope_scaling else None
-    if kind == "pth":
-        overrides = {k: getattr(args, k) for k in PTH_FLAGS if getattr(args, k) is not None}
-        return load_minimind2_pth(
-            src, args.num_attention_heads, args.num_key_value_heads, rope_scaling=yarn, **overrides
+    pth_flags = {k: getattr(args, k) for k in PTH_FLAGS if getattr(args, k) is not None}
+    try:
+        return load_any(
+            src,
+            rope_scaling=MINIMIND2_YARN if args.inference_rope_scaling else None,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads,
+            **pth_flags,
         )
-    if (
-        args.num_attention_heads
-        or args.num_key_value_heads
-        or any(getattr(args, k) is not None for k in PTH_FLAGS)
-    ):
-        parser.error("architecture flags apply to a .pth input; a folder has its config.json")
-    model = load_hf_folder(src) if kind == "hf" else load_checkpoint(src, dtype=torch.float32)[0]
-    if yarn:
-        model.set_rope_scaling(yarn)
-    return model
+    except ValueError as e:
+        if isinstance(e, (CheckpointError, ConversionError)):
+            raise
+        parser.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         src, dst, to = _paths(args, parser)
-        if to == "pth" and _kind(src) == "pth":
+        if to == "pth" and weights_kind(src) == "pth":
             parser.error(f"{src} is already a .pth file")
         model = _load(src, args, parser)
         tokenizer = args.tokenizer
