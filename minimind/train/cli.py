@@ -113,18 +113,15 @@ def weight_name(name: str, config) -> str:
 
 def resolve_weight(spec: str, hidden: int, moe: bool, save_dir: Path) -> Path:
     """A --from_weight value -> a checkpoint folder or .pth file that exists."""
-    direct = Path(spec)
-    if direct.exists():
-        return direct
-    stem = f"{spec}_{hidden}{'_moe' if moe else ''}"
-    candidates = [save_dir / stem, save_dir / f"{stem}.pth"]
-    for c in candidates:
-        if c.exists():
-            return c
-    raise UsageError(
-        f"--from_weight {spec}: none of {', '.join(map(str, candidates))} exists. Train that "
-        "stage first (e.g. `minimind train pretrain`), or give a path."
-    )
+    from minimind.infer.load import find_weight
+
+    try:
+        return find_weight(spec, hidden, moe, save_dir)
+    except FileNotFoundError as e:
+        raise UsageError(
+            f"--from_weight {e}. Train that stage first (e.g. `minimind train pretrain`), or "
+            "give a path."
+        ) from None
 
 
 def resolve_data(stage: str, spec: str | None, tokenizer_dir: Path, max_seq_len: int) -> Path:
