@@ -20,6 +20,9 @@ Design decisions:
   batch 32, 737 vs 368 (dropping at once vs never).
 - One host transfer per step (the new tokens, needed anyway to stream them and to test the
   stop condition); the processors run on the device.
+- The choice of a token and its state (penalties, seeded generator) is `TokenChooser`, shared
+  with the continuous batcher (batcher.py), which keeps one per request: the same code path is
+  what makes a batched request sample exactly as it does here alone.
 """
 
 from __future__ import annotations
@@ -113,16 +116,22 @@ class Step:
     finish_reasons: list[str | None]
 
 
+def stop_token_ids(cfg: GenerationConfig, eos_token_id: int) -> tuple[int, ...]:
+    """The ids that end a row: cfg.stop_token_ids, or the model's eos when that is None."""
+    return tuple(cfg.stop_token_ids) if cfg.stop_token_ids is not None else (eos_token_id,)
+
+
 def _resolve(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
     if config is None:
         return GenerationConfig(**overrides)
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
-def _left_pad(
+def left_pad(
     prompts: list[list[int]], pad_id: int, vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> ids (B, T) long and mask (B, T) bool (None when no row is padded)."""
+    """Prompts right-aligned into one batch: -> ids (B, T) long and mask (B, T) bool (None
+    when no row is padded). Rejects empty prompts and ids outside [0, vocab_size)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
     t = max(len(p) for p in prompts)
@@ -152,7 +161,7 @@ def stream(
     cfg = _resolve(config, overrides)
     mcfg = model.config
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, mcfg.pad_token_id, mcfg.vocab_size, device)
+    ids, mask = left_pad(prompts, mcfg.pad_token_id, mcfg.vocab_size, device)
     max_len = cfg.max_len or mcfg.max_position_embeddings
     budget = min(cfg.max_new_tokens, max_len - ids.shape[1])
     if budget < 1:
@@ -160,6 +169,81 @@ def stream(
             f"the longest prompt ({ids.shape[1]} tokens) leaves no room in max_len={max_len}"
         )
     return _decode(model, ids, mask, cfg, budget)
+
+
+class TokenChooser:
+    """The next-token choice of one GenerationConfig over a batch of rows, with its state.
+
+    Owns what the choice remembers between steps: which tokens each row has seen (repetition
+    penalty: prompt and output), how often each was generated (presence/frequency), and the
+    seeded torch.Generator. `generate` makes one for its whole batch; the continuous batcher
+    (batcher.py) one per request, with one row, so a request samples exactly as it would alone.
+
+    ids (B, T) long, mask (B, T) bool or None (left padding) are the prompts.
+    """
+
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        vocab_size: int,
+        stop_ids: Sequence[int],
+    ):
+        self.cfg = cfg
+        b, device = ids.shape[0], ids.device
+        # seen (B, V) bool: in prompt or output; counts (B, V): occurrences in the output.
+        self.seen = self.counts = None
+        if cfg.repetition_penalty != 1.0:
+            real = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
+            self.seen = torch.zeros(b, vocab_size, device=device).scatter_add_(1, ids, real) > 0
+        if cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0:
+            self.counts = torch.zeros(b, vocab_size, device=device)
+        self.generator = None
+        if cfg.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if cfg.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(cfg.seed)
+        self.stop_tensor = torch.tensor(tuple(stop_ids), dtype=torch.long, device=device)
+
+    def is_argmax(self, step: int) -> bool:
+        """True when the choice at `step` is a plain argmax of the logits (no processor
+        changes them): callers may then take the argmax of many rows at once."""
+        return (
+            self.cfg.temperature == 0
+            and self.seen is None
+            and self.counts is None
+            and (step >= self.cfg.min_new_tokens or self.stop_tensor.numel() == 0)
+        )
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """logits (B, V) of the step-th new token -> token ids (B,)."""
+        cfg = self.cfg
+        logits = logits.float()
+        if self.seen is not None:
+            logits = repetition_penalty(logits, self.seen, cfg.repetition_penalty)
+        if self.counts is not None:
+            logits = presence_frequency_penalty(
+                logits, self.counts, cfg.presence_penalty, cfg.frequency_penalty
+            )
+        if step < cfg.min_new_tokens:
+            logits = logits.index_fill(1, self.stop_tensor, float("-inf"))
+        return choose(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.generator)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (LongTensor) of the penalty state, as KVCache.reorder does."""
+        self.seen = None if self.seen is None else self.seen[index]
+        self.counts = None if self.counts is None else self.counts[index]
+
+    def record(self, tok: torch.Tensor) -> None:
+        """Count the chosen tokens tok (B,) of the rows that go on."""
+        rows = torch.arange(tok.shape[0], device=tok.device)
+        if self.seen is not None:
+            self.seen[rows, tok] = True
+        if self.counts is not None:
+            self.counts[rows, tok] += 1
 
 
 @torch.inference_mode()
@@ -174,40 +258,15 @@ def _decode(
     mcfg = model.config
     device = ids.device
     b, t = ids.shape
-    stop_ids = cfg.stop_token_ids if cfg.stop_token_ids is not None else (mcfg.eos_token_id,)
+    stop_ids = stop_token_ids(cfg, mcfg.eos_token_id)
     cache = model.new_cache(b, t + budget)
-
-    # Penalty state, allocated only when used. seen (B, V): in prompt or output (repetition);
-    # counts (B, V): occurrences in the output (presence/frequency).
-    seen = counts = None
-    if cfg.repetition_penalty != 1.0:
-        real = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
-        seen = torch.zeros(b, mcfg.vocab_size, device=device).scatter_add_(1, ids, real) > 0
-    if cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0:
-        counts = torch.zeros(b, mcfg.vocab_size, device=device)
-    generator = None
-    if cfg.temperature > 0:
-        generator = torch.Generator(device=device)
-        if cfg.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(cfg.seed)
-    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    chooser = TokenChooser(cfg, ids, mask, mcfg.vocab_size, stop_ids)
     stop_set = set(stop_ids)
 
     rows = list(range(b))  # cache row j holds prompt row rows[j]; finished rows are dropped
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
     for step in range(budget):
-        logits = logits.float()  # (b', V), b' = rows still running
-        if seen is not None:
-            logits = repetition_penalty(logits, seen, cfg.repetition_penalty)
-        if counts is not None:
-            logits = presence_frequency_penalty(
-                logits, counts, cfg.presence_penalty, cfg.frequency_penalty
-            )
-        if step < cfg.min_new_tokens:
-            logits = logits.index_fill(1, stop_tensor, float("-inf"))
-        tok = choose(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (b',)
+        tok = chooser(logits, step)  # (b',), b' = rows still running
 
         tokens: list[int | None] = [None] * b
         reasons: list[str | None] = [None] * b
@@ -227,14 +286,10 @@ def _decode(
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.reorder(index)
+            chooser.keep(index)
             tok = tok[index]
-            seen = None if seen is None else seen[index]
-            counts = None if counts is None else counts[index]
             rows = [rows[j] for j in keep]
-        if seen is not None:
-            seen[torch.arange(len(rows), device=device), tok] = True
-        if counts is not None:
-            counts[torch.arange(len(rows), device=device), tok] += 1
+        chooser.record(tok)
         logits = model(tok[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
 
 

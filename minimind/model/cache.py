@@ -4,9 +4,16 @@ One buffer per layer of shape (B, K, max_len, D) is allocated once; each step wr
 keys/values in place and attention reads a view of the filled prefix, so decoding never
 concatenates tensors. The cache also tracks, per row, which slots hold real tokens (left
 padding) and how many real tokens each row has seen (its next rotary position).
+
+Because positions come from `seen` and attention reads only valid slots, where a row's keys sit
+in the slot axis does not matter, only their order. `merge` uses that to join caches of
+different lengths (continuous batching admits new rows into a running batch) and to trim slots
+no row uses any more.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -99,3 +106,56 @@ class KVCache:
         for layer in self.layers:
             layer.k, layer.v = layer.k[index], layer.v[index]
         self.valid, self.seen = self.valid[index], self.seen[index]
+
+    def used(self) -> int:
+        """Slots from the first one that any row holds through `length`: what `merge` keeps.
+
+        >>> c = KVCache(1, 2, 1, 1, 8)
+        >>> c.length = 5
+        >>> c.valid[0, 3:5] = c.valid[1, 2:5] = True
+        >>> c.used()
+        3
+        """
+        if self.length == 0:
+            return 0
+        held = self.valid[:, : self.length].any(0)  # (length,): does any row hold slot i?
+        return self.length - int(held.int().argmax()) if bool(held.any()) else 0
+
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache], max_len: int) -> KVCache:
+        """A new cache of capacity `max_len` holding the rows of `caches`, in order.
+
+        Each cache's used window (its last `used()` slots, (B_i, K, used_i, D) per layer) is
+        copied right-aligned into a window of length L = max(used_i), so every cache's last slot
+        lands on slot L - 1; the slots to its left are marked invalid (and zeroed, so masked
+        keys never meet NaN). `seen` is copied, so each row decodes exactly as before. Merging
+        one cache alone trims the slots no row uses, or changes its capacity.
+        """
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        used = [c.used() for c in caches]
+        length = max(used)
+        if length > max_len:
+            raise ValueError(f"merged caches need {length} slots > max_len {max_len}")
+        first = caches[0].layers[0].k  # (B, K, S, D): the dims, dtype and device of them all
+        out = cls(
+            len(caches[0].layers),
+            sum(c.batch_size for c in caches),
+            first.shape[1],
+            first.shape[3],
+            max_len,
+            device=first.device,
+            dtype=first.dtype,
+        )
+        r = 0
+        for c, u in zip(caches, used):
+            rows, src = slice(r, r + c.batch_size), slice(c.length - u, c.length)
+            for dst_layer, src_layer in zip(out.layers, c.layers):
+                dst_layer.k[rows, :, length - u : length] = src_layer.k[:, :, src]
+                dst_layer.v[rows, :, length - u : length] = src_layer.v[:, :, src]
+            out.valid[rows, length - u : length] = c.valid[:, src]
+            out.seen[rows] = c.seen
+            r += c.batch_size
+        out.length = length
+        out.has_padding = not bool(out.valid[:, :length].all())
+        return out

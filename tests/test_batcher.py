@@ -1,0 +1,216 @@
+"""Continuous batching at the token level: every request, whenever it arrives and whoever it
+shares the batch with, decodes exactly what `generate` decodes for it alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from minimind.infer import GenerationConfig, generate
+from minimind.infer.batcher import Batcher, QueueFull
+from minimind.model import MiniMindForCausalLM, preset
+
+
+@pytest.fixture(scope="module")
+def model() -> MiniMindForCausalLM:
+    # As in test_generate: an untied, wide init gives varied greedy tokens.
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(
+        preset("tiny", tie_word_embeddings=False, initializer_range=0.1)
+    ).eval()
+
+
+class Collect:
+    """A sink that records tokens and the finish reason."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, token, reason):
+        assert self.reason is None, "a sink call after the last token"
+        if token is not None:
+            self.tokens.append(token)
+        if reason is not None:
+            self.reason = reason
+            self.done.set()
+
+
+def run(batcher: Batcher, schedule, on_step=None) -> list[Collect]:
+    """schedule: [(arrival step, prompt, config)]; steps the batcher by hand until idle."""
+    sinks = [Collect() for _ in schedule]
+    step = 0
+    while step <= max(s[0] for s in schedule) or not batcher.idle:
+        for (at, prompt, cfg), sink in zip(schedule, sinks):
+            if at == step:
+                batcher.submit(prompt, cfg, sink)
+        batcher.step()
+        if on_step is not None:
+            on_step(batcher)
+        step += 1
+    return sinks
+
+
+def assert_alone(model, schedule, sinks):
+    for (_, prompt, cfg), sink in zip(schedule, sinks):
+        alone = generate(model, [prompt], cfg)[0]
+        assert sink.tokens == alone, (prompt, cfg)
+        assert sink.reason == alone.finish_reason
+
+
+GREEDY = GenerationConfig(max_new_tokens=9, temperature=0, stop_token_ids=())
+
+
+def sampled(seed: int, **kw) -> GenerationConfig:
+    kw = dict(max_new_tokens=9, temperature=1.0, top_k=40, top_p=0.9, stop_token_ids=(), **kw)
+    return GenerationConfig(seed=seed, **kw)
+
+
+PROMPTS = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [300, 17], [42] * 5, [7, 8]]
+
+PATTERNS = {
+    # everything at step 0
+    "together": [(0, p, GREEDY) for p in PROMPTS],
+    # one per step, short and long prompts alternating: new rows merge into a running cache
+    # both shorter and longer than theirs
+    "staggered": [(i, p, GREEDY if i % 2 else sampled(i)) for i, p in enumerate(PROMPTS)],
+    # a long prompt joins late, then a short one after the first rows have finished
+    "late": [(0, PROMPTS[1], GREEDY), (3, PROMPTS[2], sampled(3)), (12, PROMPTS[3], GREEDY)],
+    # more requests than rows: they queue, and join as rows free up
+    "queued": [(0, p, sampled(10 + i)) for i, p in enumerate(PROMPTS)]
+    + [(2, p, GREEDY) for p in PROMPTS],
+}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("rows", [3, 16])
+def test_requests_decode_as_alone(model, pattern, rows):
+    schedule = PATTERNS[pattern]
+    batcher = Batcher(model, max_rows=rows, growth=4)
+    peak = []
+    sinks = run(batcher, schedule, on_step=lambda b: peak.append(b.stats()["running"]))
+    assert_alone(model, schedule, sinks)
+    assert 2 <= max(peak) <= rows  # rows really shared steps, never more than max_rows
+    assert batcher.stats()["tokens"] == sum(len(s.tokens) for s in sinks)
+
+
+def test_processors_stops_and_length_per_row(model):
+    free = generate(model, [PROMPTS[0]], GREEDY)[0]
+    cfgs = [
+        GenerationConfig(max_new_tokens=9, temperature=0, stop_token_ids=(free[3],)),
+        GenerationConfig(
+            max_new_tokens=9, temperature=0, stop_token_ids=(free[0],), min_new_tokens=4
+        ),
+        GenerationConfig(max_new_tokens=12, temperature=0, presence_penalty=1e4),
+        GenerationConfig(max_new_tokens=12, temperature=0, repetition_penalty=3.0),
+        sampled(5, frequency_penalty=0.5, presence_penalty=0.5),
+        GenerationConfig(max_new_tokens=4, temperature=0.7, seed=2),  # model eos stops
+        GenerationConfig(max_new_tokens=1, temperature=0),  # finishes at its prefill
+        GenerationConfig(max_new_tokens=50, temperature=0, max_len=8, stop_token_ids=()),
+    ]
+    schedule = [(i % 3, PROMPTS[0] if i < 2 else PROMPTS[i % 6], c) for i, c in enumerate(cfgs)]
+    sinks = run(Batcher(model, max_rows=4, growth=2), schedule)
+    assert_alone(model, schedule, sinks)
+    assert sinks[0].reason == "stop" and len(sinks[0].tokens) == 4
+    assert len(sinks[-1].tokens) == 8 - len(schedule[-1][1])  # capped by its max_len
+
+
+def test_memory_stays_bounded_and_dead_slots_are_trimmed(model):
+    # Staggered long and short rows with small growth: the cache never holds much more than
+    # its longest live row, however many tokens went through it.
+    schedule = [(4 * i, PROMPTS[i % 6], GREEDY) for i in range(12)]
+    seen = []
+
+    def check(b):
+        s = b.stats()
+        seen.append(s["cache_capacity"])
+        assert s["cache_capacity"] <= len(PROMPTS[2]) + 9 + 4
+
+    sinks = run(Batcher(model, max_rows=2, growth=4), schedule, on_step=check)
+    assert_alone(model, schedule, sinks)
+    assert max(seen) > 0
+
+
+def test_cancel_removes_the_row_and_spares_the_others(model):
+    batcher = Batcher(model, max_rows=4)
+    sinks = [Collect() for _ in range(3)]
+    reqs = [batcher.submit(p, GREEDY, s) for p, s in zip(PROMPTS, sinks)]
+    for _ in range(3):
+        batcher.step()
+    assert batcher.stats()["running"] == 3
+    reqs[1].cancel()
+    batcher.step()
+    assert batcher.stats()["running"] == 2 and batcher.stats()["cancelled"] == 1
+    while not batcher.idle:
+        batcher.step()
+    assert len(sinks[1].tokens) == 3 and sinks[1].reason is None
+    for prompt, sink in zip([PROMPTS[0], PROMPTS[2]], [sinks[0], sinks[2]]):
+        assert sink.tokens == generate(model, [prompt], GREEDY)[0]
+
+
+def test_bounded_queue_and_validation(model):
+    batcher = Batcher(model, max_rows=1, max_waiting=2)
+    a = batcher.submit([1], GREEDY, Collect())
+    batcher.submit([2], GREEDY, Collect())
+    with pytest.raises(QueueFull):
+        batcher.submit([3], GREEDY, Collect())
+    a.cancel()  # a waiting request leaves the queue at once
+    batcher.submit([3], GREEDY, Collect())
+    assert batcher.stats()["waiting"] == 2
+    with pytest.raises(ValueError, match="no room"):
+        batcher.submit([1] * 1024, GREEDY, Collect())
+    with pytest.raises(ValueError, match="token ids"):
+        batcher.submit([512], GREEDY, Collect())
+    with pytest.raises(ValueError, match="token ids"):
+        batcher.submit([], GREEDY, Collect())
+
+
+def test_a_raising_sink_cancels_only_its_request(model):
+    def bad(token, reason):
+        raise RuntimeError("client went away")
+
+    good = Collect()
+    batcher = Batcher(model)
+    batcher.submit(PROMPTS[0], GREEDY, bad)
+    batcher.submit(PROMPTS[1], GREEDY, good)
+    while not batcher.idle:
+        batcher.step()
+    assert good.tokens == generate(model, [PROMPTS[1]], GREEDY)[0]
+    assert batcher.stats()["cancelled"] == 1
+
+
+def test_worker_thread_serves_concurrent_submitters(model):
+    batcher = Batcher(model, max_rows=5).start()
+    jobs = [(PROMPTS[i % 6], sampled(i) if i % 2 else GREEDY) for i in range(20)]
+    sinks = [Collect() for _ in jobs]
+
+    def client(i):
+        batcher.submit(jobs[i][0], jobs[i][1], sinks[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s.done.wait(30) for s in sinks)
+    assert_alone(model, [(0, *job) for job in jobs], sinks)
+    # A failing forward fails the running requests with "error"; the worker goes on.
+    broken = Collect()
+    forward = model.forward
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        req = batcher.submit(PROMPTS[0], GREEDY, broken)
+        assert broken.done.wait(10) and broken.reason == "error"
+        assert str(req.error) == "boom"
+    finally:
+        del model.forward
+    assert model.forward == forward
+    again = Collect()
+    batcher.submit(PROMPTS[0], GREEDY, again)
+    assert again.done.wait(10) and again.tokens == generate(model, [PROMPTS[0]], GREEDY)[0]
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(PROMPTS[0], GREEDY, Collect())
