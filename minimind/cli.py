@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.train.cli:main",
         "train a stage: pretrain | sft | lora (MiniMind's flags; torchrun for DDP/FSDP2)",
     ),
+    "chat": (
+        "minimind.infer.chat_cli:main",
+        "chat with a model (MiniMind's eval_llm.py flags): streaming, history, reasoning apart",
+    ),
     "convert": (
         "minimind.convert.cli:main",
         "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",
