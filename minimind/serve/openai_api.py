@@ -1,0 +1,478 @@
+"""The OpenAI-compatible HTTP API: `create_app(loaded)` and the `minimind serve` command line
+(also `python scripts/serve_openai_api.py`, with MiniMind's flags).
+
+Routes: POST /v1/chat/completions, POST /v1/completions (stream and non-stream), GET
+/v1/models, GET /health (status plus the batcher's counters: running rows, waiting requests,
+cache slots). Every error is OpenAI's JSON error shape (errors.py).
+
+Design decisions:
+- One model, one continuous batcher (minimind.infer.batcher) in its own thread; every choice
+  of every request is a row, so concurrent requests share decoding steps. The event loop only
+  parses, renders templates, detokenizes and writes; it never runs the model.
+- Bounded everywhere: at most `max_rows` rows decode together, at most `max_waiting` wait
+  (then 429 with Retry-After), n <= 16, and a prompt plus its max_tokens must fit the context
+  (else 400, as OpenAI; max_tokens is never silently clamped; omitted, it is the rest of the
+  context).
+- A client that goes away cancels its rows: a stream's generator is cancelled by Starlette
+  when the client disconnects, a non-streamed request watches for the disconnect message.
+- Stop strings are matched on text, across token boundaries, and not sent; when one appears
+  the row is cancelled at once. Reasoning (`<think>...</think>`) is sent as
+  `reasoning_content`; with `tools`, `<tool_call>` blocks become `tool_calls` and the finish
+  reason "tool_calls" (reply.py).
+- A streamed choice sends everything it has whenever it is scheduled: under load several
+  tokens go out in one chunk instead of one chunk per token, which keeps the per-token cost
+  of HTTP off the decoding rate.
+- `usage` counts prompt tokens once per prompt and every token generated (a final stop token
+  included). A stream carries it in a last chunk with empty choices when
+  `stream_options.include_usage` is true, as OpenAI does, and not at all otherwise.
+- With `--api-key`, the /v1 routes need `Authorization: Bearer KEY` (401 otherwise); /health
+  stays open for probes. The default bind address is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from minimind.infer.batcher import Batcher
+from minimind.infer.chat import prompt_ids, stop_ids
+from minimind.infer.load import LoadedModel
+
+from . import protocol
+from .bridge import Submission
+from .errors import APIError, error_body
+from .reply import Piece, ReplyStream
+
+log = logging.getLogger(__name__)
+
+
+class _Choice:
+    """One choice's pipeline and what it has produced so far."""
+
+    def __init__(self, reply: ReplyStream):
+        self.reply = reply
+        self.finish_reason: str | None = None
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.tool_calls: list[dict] = []
+
+    def take(self, pieces: list[Piece]) -> None:
+        for kind, value in pieces:
+            if kind == "reasoning":
+                self.reasoning.append(value)
+            elif kind == "content":
+                self.content.append(value)
+            else:
+                self.tool_calls.append(value)
+
+
+def _tool_call(call: dict, index: int) -> dict:
+    return {
+        "index": index,
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": call["arguments"]},
+    }
+
+
+class OpenAIServer:
+    """The routes' logic over one loaded model and its batcher."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        batcher: Batcher,
+        api_key: str | None = None,
+        served_names: Sequence[str] | None = None,
+    ):
+        self.loaded, self.batcher, self.api_key = loaded, batcher, api_key
+        self.tokenizer = loaded.tokenizer
+        self.names = list(served_names or [loaded.name])
+        self.stop_ids = stop_ids(loaded.tokenizer, loaded.model)
+        self.created = int(time.time())
+
+    # --- checks shared by the routes --------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), self.api_key):
+            raise APIError(
+                401,
+                "Incorrect API key provided." if header else "Missing API key (Bearer).",
+                code="invalid_api_key",
+            )
+
+    async def body(self, request: Request, cls: type[protocol.SamplingRequest]):
+        self.authorize(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request.") from None
+        req = protocol.parse(cls, data)
+        protocol.check_model(req.model, self.names)
+        return req
+
+    # --- routes -----------------------------------------------------------------------------
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.names[0], **self.batcher.stats()}
+
+    def models(self) -> dict:
+        data = [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "minimind"}
+            for name in self.names
+        ]
+        return {"object": "list", "data": data}
+
+    async def chat(self, request: Request):
+        req: protocol.ChatRequest = await self.body(request, protocol.ChatRequest)
+        tools = req.template_tools()
+        messages = [m.for_template() for m in req.messages]
+        ids = prompt_ids(self.tokenizer, messages, tools, req.thinking())
+        requested, param = req.requested_tokens()
+        budget = protocol.token_budget(len(ids), requested, param, self.batcher.max_len)
+        configs = protocol.generation_configs(req, budget, self.stop_ids, req.n)
+        stops = req.stops()
+        choices = [
+            _Choice(ReplyStream(self.tokenizer, stops, chat=True, tools=tools is not None))
+            for _ in range(req.n)
+        ]
+        sub = Submission(self.batcher, [ids] * req.n, configs)
+        meta = self._meta("chatcmpl", "chat.completion")
+        if req.stream:
+            return self._stream(request, sub, choices, len(ids), req.include_usage, meta, True)
+        await self._collect(request, sub, choices)
+        return {
+            **meta,
+            "choices": [
+                {"index": i, "message": self._message(c), "finish_reason": c.finish_reason}
+                for i, c in enumerate(choices)
+            ],
+            "usage": self._usage(len(ids), choices),
+        }
+
+    async def completions(self, request: Request):
+        req: protocol.CompletionRequest = await self.body(request, protocol.CompletionRequest)
+        requested, param = req.requested_tokens()
+        prompts, configs = [], []
+        for p in req.prompts():
+            ids = list(p) if isinstance(p, list) else self.tokenizer.encode(p)
+            ids = ids or [self.tokenizer.eos_id]  # as pretraining: a document follows an eos
+            budget = protocol.token_budget(
+                len(ids), requested, param, self.batcher.max_len, "prompt"
+            )
+            prompts += [ids] * req.n
+            configs += protocol.generation_configs(req, budget, self.stop_ids, req.n)
+        stops = req.stops()
+        choices = [_Choice(ReplyStream(self.tokenizer, stops, chat=False)) for _ in prompts]
+        sub = Submission(self.batcher, prompts, configs)
+        prompt_tokens = sum(len(p) for p in prompts[:: req.n])
+        meta = self._meta("cmpl", "text_completion")
+        if req.stream:
+            return self._stream(
+                request, sub, choices, prompt_tokens, req.include_usage, meta, False
+            )
+        await self._collect(request, sub, choices)
+        return {
+            **meta,
+            "choices": [
+                {
+                    "index": i,
+                    "text": "".join(c.content),
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": self._usage(prompt_tokens, choices),
+        }
+
+    # --- generation ---------------------------------------------------------------------------
+    def _meta(self, prefix: str, obj: str) -> dict:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.names[0],
+        }
+
+    @staticmethod
+    def _advance(sub: Submission, choices: list[_Choice], events) -> dict[int, list[Piece]]:
+        """Run events through their choices' pipelines -> new pieces per choice. Sets each
+        finished choice's finish_reason; a stop string cancels its row."""
+        out: dict[int, list[Piece]] = {}
+        for i, token, reason in events:
+            choice = choices[i]
+            if choice.finish_reason is not None:
+                continue  # tokens already in flight when a stop string cancelled the row
+            if token is None:
+                error = sub.requests[i].error
+                raise APIError(
+                    500, f"generation failed: {error}", type="server_error", code="internal"
+                )
+            pieces = choice.reply.feed(token)
+            if choice.reply.stopped:
+                sub.cancel(i)
+                reason = "stop"
+            if reason is not None:
+                pieces += choice.reply.finish()
+                calls = choice.reply.calls
+                choice.finish_reason = "tool_calls" if calls and reason == "stop" else reason
+            choice.take(pieces)
+            out.setdefault(i, []).extend(pieces)
+        return out
+
+    async def _collect(self, request: Request, sub: Submission, choices: list[_Choice]) -> None:
+        async def run() -> None:
+            while any(c.finish_reason is None for c in choices):
+                self._advance(sub, choices, await sub.events())
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.ensure_future(run()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                raise APIError(499, "client closed the request", code="client_closed")
+            work.result()  # re-raises an APIError from the generation
+        finally:
+            watch.cancel()
+            sub.cancel()
+
+    @staticmethod
+    def _message(choice: _Choice) -> dict:
+        content = "".join(choice.content)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content if content or not choice.tool_calls else None,
+        }
+        if choice.reasoning:
+            message["reasoning_content"] = "".join(choice.reasoning)
+        if choice.tool_calls:
+            message["tool_calls"] = [
+                {k: v for k, v in _tool_call(c, i).items() if k != "index"}
+                for i, c in enumerate(choice.tool_calls)
+            ]
+        return message
+
+    @staticmethod
+    def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+        completion = sum(c.reply.tokens for c in choices)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+
+    def _stream(
+        self,
+        request: Request,
+        sub: Submission,
+        choices: list[_Choice],
+        prompt_tokens: int,
+        include_usage: bool,
+        meta: dict,
+        chat: bool,
+    ) -> StreamingResponse:
+        meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(i: int, delta: dict | None = None, finish: str | None = None) -> str:
+            body = (
+                {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+                if chat
+                else {
+                    "index": i,
+                    "text": (delta or {}).get("content", ""),
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            )
+            return (
+                f"data: {json.dumps({**meta, 'choices': [body], **extra}, ensure_ascii=False)}\n\n"
+            )
+
+        def deltas(i: int, pieces: list[Piece]) -> list[str]:
+            """New pieces of choice i -> chunks: one per run of text of one kind, one per call."""
+            runs: list[tuple[str, Any]] = []
+            for kind, value in pieces:
+                if kind != "tool_call" and runs and runs[-1][0] == kind:
+                    runs[-1] = (kind, runs[-1][1] + value)
+                else:
+                    runs.append((kind, value))
+            # the calls in `pieces` are already counted in choices[i].tool_calls
+            index = len(choices[i].tool_calls) - sum(kind == "tool_call" for kind, _ in runs)
+            out = []
+            for kind, value in runs:
+                if kind == "tool_call":
+                    out.append(chunk(i, {"tool_calls": [_tool_call(value, index)]}))
+                    index += 1
+                else:
+                    field = "reasoning_content" if kind == "reasoning" else "content"
+                    out.append(chunk(i, {field: value}))
+            return out
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    for i in range(len(choices)):
+                        yield chunk(i, {"role": "assistant", "content": ""})
+                while any(c.finish_reason is None for c in choices):
+                    try:
+                        new = self._advance(sub, choices, await sub.events())
+                    except APIError as err:
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        return
+                    for i, pieces in new.items():
+                        for text in deltas(i, pieces):
+                            yield text
+                        if choices[i].finish_reason is not None:
+                            yield chunk(i, None, choices[i].finish_reason)
+                if include_usage:
+                    usage = self._usage(prompt_tokens, choices)
+                    yield f"data: {json.dumps({**meta, 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # also when Starlette cancels us because the client went away
+                sub.cancel()
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def create_app(
+    loaded: LoadedModel,
+    *,
+    api_key: str | None = None,
+    max_rows: int = 32,
+    max_waiting: int = 256,
+    max_len: int | None = None,
+    served_names: Sequence[str] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `loaded`; its batcher thread runs while the app is up
+    (`app.state.server.batcher`)."""
+    batcher = Batcher(loaded.model, max_rows=max_rows, max_waiting=max_waiting, max_len=max_len)
+    server = OpenAIServer(loaded, batcher, api_key, served_names)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+
+    app = FastAPI(title="MiniMind OpenAI-compatible API", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        body = error_body(f"internal error: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return server.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.authorize(request)
+        return server.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await server.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.completions(request)
+
+    return app
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from minimind.infer.load import add_model_args
+
+    p = argparse.ArgumentParser(
+        prog="minimind serve",
+        description="OpenAI-compatible API server with continuous batching",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
+    g.add_argument("--port", type=int, default=8998)
+    g.add_argument(
+        "--api-key",
+        "--api_key",
+        dest="api_key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1 routes",
+    )
+    g.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=None,
+        help="context cap, prompt + reply (default: the model's)",
+    )
+    g.add_argument("--max_rows", type=int, default=32, help="rows decoded together at most")
+    g.add_argument(
+        "--max_waiting", type=int, default=256, help="queued requests at most; beyond, 429"
+    )
+    g.add_argument(
+        "--served_model_name",
+        nargs="+",
+        default=None,
+        help="model ids to answer to (default: the weight's name)",
+    )
+    g.add_argument("--log_level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from minimind.infer.load import load_from_args
+
+    args = parse_args(argv)
+    loaded = load_from_args(args)
+    app = create_app(
+        loaded,
+        api_key=args.api_key,
+        max_rows=args.max_rows,
+        max_waiting=args.max_waiting,
+        max_len=args.max_seq_len,
+        served_names=args.served_model_name,
+    )
+    print(f"serving {loaded.describe()} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
