@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.convert.cli:main",
         "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",
     ),
+    "export": ("minimind.convert.export_cli:main", "export: hf (vLLM) | gguf | ollama"),
 }
 
 

@@ -517,4 +517,6 @@ def test_script_is_a_thin_wrapper():
         [sys.executable, str(ROOT / "scripts/convert_model.py"), "--help"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "--transformers_path" in out.stdout and "--to {hf,pth,minimind}" in out.stdout
+    assert (
+        "--transformers_path" in out.stdout and "--to {hf,pth,minimind,gguf,ollama}" in out.stdout
+    )

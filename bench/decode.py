@@ -1,0 +1,279 @@
+"""Benchmark: greedy decode at batch 1 — our generate vs transformers and llama.cpp on the exports.
+
+For each preset (default `demo` and `minimind2-small`, random weights, seed 0, fp32):
+
+1. ours: `minimind.infer.generate(model, [prompt], temperature=0)` with min_new_tokens = max_new
+   tokens, so it never stops early on eos;
+2. transformers: `generate(do_sample=False, min_new_tokens=n)` on the twin that our exporter
+   builds (`llama_twin` from bench/model.py: minimind.convert.hf's mapping, SDPA attention);
+3. llama.cpp (when llama_cpp, from llama-cpp-python, is importable): the model exported by
+   minimind.convert.gguf as f32 and as f16, decoded by `Llama.generate` with llama.cpp's
+   greedy sampler, stopped after n tokens (no eos stop), with llama.cpp's default f16 KV cache.
+
+OMP_WAIT_POLICY defaults to PASSIVE (see below). Every side gets the same random prompt (ids from 3 up) and the same number of threads (one per
+core). A timed call covers prefill plus all new tokens. Sides take turns call by call, so load
+from other processes hits all alike, and the best of the repeats is reported (load only ever
+adds time); the median is kept in the JSON. Greedy tokens are compared with ours (random
+weights give near-uniform logits, so a near-tie may flip a token between implementations; the
+count of identical leading tokens is reported). Prints a table and writes JSON (default
+bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
+Run `python bench/decode.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# torch (its bundled libgomp) and llama.cpp (the system libgomp) each bring an OpenMP runtime;
+# with both spin-waiting in one process on a small machine, each side's idle threads steal the
+# cores the other is computing on (measured here: llama.cpp 1,900 -> 36 tokens/s after a torch
+# call). Passive waiting stops that; set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+# bench/model.py, beside this file (a script's folder is on sys.path): its transformers twin,
+# turn-taking timer and machine name are reused as they are.
+from model import alternate, device_name, llama_twin
+
+from minimind.infer import generate
+from minimind.model import MiniMindForCausalLM, preset
+from minimind.tokenizer import train_tokenizer
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arg = p.add_argument
+    arg("--presets", nargs="+", default=["demo", "minimind2-small"], help="dense presets")
+    arg("--prompt-len", type=int, default=32, help="prompt tokens")
+    arg("--new-tokens", type=int, default=128, help="new tokens per call (no eos stop)")
+    arg("--repeats", type=int, default=5, help="timed calls per side")
+    arg("--threads", type=int, default=0, help="threads per side (0: one per core)")
+    arg("--skip-llamacpp", action="store_true", help="ours and transformers only")
+    arg("--quick", action="store_true", help="tiny preset, 8 + 8 tokens, 1 repeat: a smoke run")
+    arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.presets, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], 8, 8, 1
+    if args.threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = cores or 1
+    return args
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+# --- the sides -------------------------------------------------------------------------------
+
+
+def ours_fn(model: MiniMindForCausalLM, prompt: list[int], n: int, out: dict):
+    def run() -> None:
+        out["ours"] = list(
+            generate(model, [prompt], max_new_tokens=n, min_new_tokens=n, temperature=0)[0]
+        )
+
+    return run
+
+
+def hf_fn(hf, prompt: list[int], n: int, cfg, out: dict):
+    ids = torch.tensor([prompt])
+
+    @torch.inference_mode()
+    def run() -> None:
+        seq = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=cfg.pad_token_id,
+            eos_token_id=cfg.eos_token_id,
+        )
+        out["hf"] = seq[0, ids.shape[1] :].tolist()
+
+    return run
+
+
+def llamacpp_fn(llm, prompt: list[int], n: int, name: str, out: dict):
+    def run() -> None:
+        # reset() first: generate() would otherwise reuse the KV cache of the previous call's
+        # identical prompt and skip the prefill.
+        llm.reset()
+        tokens = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy sampler
+            tokens.append(int(token))
+            if len(tokens) == n:  # as ours: prefill + n - 1 decode steps, no eos stop
+                break
+        out[name] = tokens
+
+    return run
+
+
+def export_ggufs(model: MiniMindForCausalLM, folder: Path) -> dict[str, Path]:
+    """f32 and f16 GGUF files of `model`, with a small tokenizer (the ids decoded here are
+    random; a tokenizer smaller than the vocabulary is padded with unused ids)."""
+    from minimind.convert.gguf import export_gguf
+
+    texts = ["the quick brown fox jumps over the lazy dog 0123456789"] * 50
+    tok = train_tokenizer(texts, folder / "tok", 300, show_progress=False)
+    paths = {}
+    for dtype in ("f32", "f16"):
+        paths[dtype] = folder / f"model-{dtype}.gguf"
+        export_gguf(model, paths[dtype], tok, dtype)
+    return paths
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def bench_preset(name: str, args, llama_cpp) -> dict:
+    cfg = preset(name)
+    if cfg.use_moe or cfg.qk_norm or cfg.rope_scaling:
+        raise SystemExit(f"--presets {name}: the transformers twin here is Llama (dense only)")
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(cfg).eval()
+    hf = llama_twin(model)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
+    n = args.new_tokens
+    out: dict[str, list[int]] = {}
+    fns = {"ours": ours_fn(model, prompt, n, out), "hf": hf_fn(hf, prompt, n, cfg, out)}
+    with tempfile.TemporaryDirectory() as tmp:
+        llms = {}
+        if llama_cpp is not None:
+            for dtype, path in export_ggufs(model, Path(tmp)).items():
+                llms[dtype] = llama_cpp.Llama(
+                    str(path),
+                    n_ctx=args.prompt_len + n + 16,
+                    n_batch=max(args.prompt_len, 32),
+                    n_threads=args.threads,
+                    n_threads_batch=args.threads,
+                    verbose=False,
+                )
+                fns[f"llama.cpp {dtype}"] = llamacpp_fn(
+                    llms[dtype], prompt, n, f"llama.cpp {dtype}", out
+                )
+        t0 = time.perf_counter()
+        times = alternate(fns, 1, args.repeats, "cpu")
+        wall = time.perf_counter() - t0
+        del llms
+    sides = {
+        side: {
+            "tokens_per_s": n / min(t),
+            "median_tokens_per_s": n / statistics.median(t),
+            "best_ms": min(t) * 1e3,
+            "same_leading_tokens_as_ours": leading_agreement(out[side], out["ours"]),
+        }
+        for side, t in times.items()
+    }
+    ours = sides["ours"]["tokens_per_s"]
+    ratios = {f"ours/{s}": ours / v["tokens_per_s"] for s, v in sides.items() if s != "ours"}
+    print(f"  {name}: {wall:.0f} s", file=sys.stderr)
+    return {"params": model.num_parameters(), "sides": sides, "ratios": ratios, "wall_s": wall}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def meta(args, llama_cpp) -> dict:
+    import transformers
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_name": device_name("cpu"),
+        "threads": args.threads,
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", None),
+        "python": platform.python_version(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "batch": 1,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "weights": "random (seed 0), fp32; GGUF f32 and f16; llama.cpp KV cache f16 (default)",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def table(report: dict) -> str:
+    sides = ["ours", "hf", "llama.cpp f32", "llama.cpp f16"]
+    head = ["preset", *[f"{s} tok/s" for s in sides], "ours/hf", "ours/llama f32", "ours/llama f16"]
+    rows = [head]
+    for name, r in report["presets"].items():
+        s, q = r["sides"], r["ratios"]
+        rows.append(
+            [
+                f"{name} ({r['params'] / 1e6:.1f}M)",
+                *[f"{s[x]['tokens_per_s']:.0f}" if x in s else "-" for x in sides],
+                *[
+                    f"{q[k]:.2f}x" if k in q else "-"
+                    for k in ("ours/hf", "ours/llama.cpp f32", "ours/llama.cpp f16")
+                ],
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    llama_cpp = None if args.skip_llamacpp else llama_cpp_module()
+    if llama_cpp is None and not args.skip_llamacpp:
+        print("llama_cpp is not importable: llama.cpp columns skipped", file=sys.stderr)
+    report = {"meta": meta(args, llama_cpp), "presets": {}}
+    for name in args.presets:
+        report["presets"][name] = bench_preset(name, args, llama_cpp)
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    m = report["meta"]
+    print(
+        f"greedy decode, batch 1, prompt {args.prompt_len} + {args.new_tokens} new tokens, best of "
+        f"{args.repeats}; {m['device_name']}, {args.threads} threads; torch {m['torch']}, "
+        f"transformers {m['transformers']}, llama-cpp-python {m['llama_cpp_python']}; 1-min load "
+        f"average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+    )
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
