@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.convert.cli:main",
         "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",
     ),
+    "web": (
+        "minimind.serve.web:main",
+        "chat in the browser (Streamlit) with a local model or an OpenAI-compatible endpoint",
+    ),
     "export": ("minimind.convert.export_cli:main", "export: hf (vLLM) | gguf | ollama"),
 }
 
