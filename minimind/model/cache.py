@@ -159,3 +159,59 @@ class KVCache:
         out.length = length
         out.has_padding = not bool(out.valid[:, :length].all())
         return out
+
+
+class SlotLayerCache:
+    """One layer of a StaticKVCache in a decode step: writes at the device-side slot and hands
+    attention the whole buffer (B, K, max_len, D); unfilled slots are masked out."""
+
+    def __init__(self, parent: StaticKVCache, index: int):
+        self.parent, self.index = parent, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, K, 1, D) -> the full (B, K, max_len, D) buffers, written in place."""
+        layer = self.parent.layers[self.index]
+        layer.k.index_copy_(2, self.parent.slot, k)
+        layer.v.index_copy_(2, self.parent.slot, v)
+        return layer.k, layer.v
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose one-token decode steps have fixed shapes and no host synchronisation,
+    so `torch.compile` (and CUDA graphs) capture one step once and replay it.
+
+    The prompt is prefilled through the ordinary path (python-int `length`, sliced views).
+    A decode step (`MiniMindForCausalLM.decode_step`) then writes at `slot`, a (1,) long tensor
+    on the device that mirrors `length`, with `index_copy_`, and attends over all `max_len`
+    slots with the validity mask (B, 1, 1, max_len): attention costs O(max_len) per step
+    rather than O(filled), so size the cache to the prompt plus the budget. `length` (the host
+    mirror) is advanced by the caller, outside the captured step (`advance_host`), because a
+    python int that changes every step would make the compiler specialise on it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.valid.device)
+        self.slot_layers = [SlotLayerCache(self, i) for i in range(len(self.layers))]
+
+    def advance(self, mask: torch.Tensor) -> None:
+        super().advance(mask)
+        self.slot.fill_(self.length)
+
+    def step_reserve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of one real token per row -> positions (B, 1), mask (B, 1, 1, max_len)."""
+        self.valid.index_fill_(1, self.slot, True)
+        return self.seen[:, None], self.valid[:, None, None, :]
+
+    def step_advance(self) -> None:
+        """Device side of a decode step's commit (inside the captured step)."""
+        self.seen.add_(1)
+        self.slot.add_(1)
+
+    def advance_host(self) -> None:
+        """Host side of a decode step's commit (outside the captured step)."""
+        self.length += 1
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.slot_layers = [SlotLayerCache(self, i) for i in range(len(self.layers))]

@@ -90,8 +90,16 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) int -> cos, sin (B, T, D) float32."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
-        if self.cos.shape[0] < needed or self.cos.device != positions.device:
-            self._build(max(needed, self.initial_len, 2 * self.cos.shape[0]), positions.device)
+        self.ensure(needed, positions.device)
+        return self.cos[positions], self.sin[positions]
+
+    def ensure(self, length: int, device: torch.device) -> None:
+        """Have the tables cover positions 0..length-1 on `device` (grown by doubling)."""
+        if self.cos.shape[0] < length or self.cos.device != device:
+            self._build(max(length, self.initial_len, 2 * self.cos.shape[0]), device)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` without the growth check (no host sync): the caller has called `ensure`."""
         return self.cos[positions], self.sin[positions]
 
     def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

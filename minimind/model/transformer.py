@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache, LayerCache
+from .cache import KVCache, LayerCache, StaticKVCache
 from .config import ModelConfig
 from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEFeedForward
@@ -100,17 +100,22 @@ class MiniMindModel(nn.Module):
         mask = ((k_idx <= q_idx) & key_valid[:, None, None, :]) | (k_idx == q_idx)
         return cos, sin, mask  # (B, 1, T, S)
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        cos, sin, mask = self._positions_and_mask(input_ids, attention_mask, cache)
-        x = self.dropout(self.embed_tokens(input_ids))
+    def _blocks(self, x, cos, sin, mask, layer_caches) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) through every block -> (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            if self.gradient_checkpointing and self.training and cache is None:
+            layer_cache = None if layer_caches is None else layer_caches[i]
+            if self.gradient_checkpointing and self.training and layer_caches is None:
                 x, a = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x, a = layer(x, cos, sin, mask, layer_cache)
             aux = aux + a
+        return x, aux
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        cos, sin, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        x = self.dropout(self.embed_tokens(input_ids))
+        x, aux = self._blocks(x, cos, sin, mask, None if cache is None else cache.layers)
         if cache is not None:
             cache.advance(
                 torch.ones_like(input_ids, dtype=torch.bool)
@@ -118,6 +123,18 @@ class MiniMindModel(nn.Module):
                 else attention_mask.bool()
             )
         return self.norm(x), aux
+
+    def decode_static(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """One fixed-shape decode step: input_ids (B, 1) -> final hidden (B, 1, C).
+
+        Reads and writes only tensors (no python int that changes, no host sync), so a
+        compiled copy is captured once; the rotary table must already cover `cache.max_len`.
+        """
+        positions, mask = cache.step_reserve()  # (B, 1), (B, 1, 1, max_len)
+        cos, sin = self.rotary.lookup(positions)
+        x, _ = self._blocks(self.embed_tokens(input_ids), cos, sin, mask, cache.slot_layers)
+        cache.step_advance()
+        return self.norm(x)
 
 
 class MiniMindForCausalLM(nn.Module):
@@ -159,9 +176,25 @@ class MiniMindForCausalLM(nn.Module):
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         return CausalLMOutput(self.lm_head(h), aux, hidden)
 
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """input_ids (B, 1) -> next-token logits (B, V), with fixed shapes (see decode_static).
+        The caller then calls `cache.advance_host()`; minimind.infer.static wraps both."""
+        return self.lm_head(self.model.decode_static(input_ids, cache)[:, -1])
+
     # --- conveniences --------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None):
-        return KVCache.for_model(self, batch_size, max_len, dtype)
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        static: bool = False,
+    ):
+        """A KV cache for this model; static=True gives a StaticKVCache for decode_step."""
+        cls = StaticKVCache if static else KVCache
+        cache = cls.for_model(self, batch_size, max_len, dtype)
+        if static:
+            self.model.rotary.ensure(max_len, cache.valid.device)
+        return cache
 
     def set_rope_scaling(self, scaling: dict[str, Any] | None) -> None:
         """Switch YaRN on (e.g. config.MINIMIND2_YARN) or off at inference time."""

@@ -1,0 +1,91 @@
+"""Fixed-shape decode steps (StaticKVCache + MiniMindForCausalLM.decode_step): the same logits
+as the ordinary cached path, for dense, q/k-norm and MoE models and left-padded batches; and a
+compiled step captured once gives the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind.model import MiniMindForCausalLM, preset
+
+CONFIGS = {
+    "dense": {},
+    "qk_norm": {"qk_norm": True},
+    "moe": {"use_moe": True, "n_routed_experts": 4, "n_shared_experts": 1},
+}
+
+
+def build(name: str) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(preset("tiny", **CONFIGS[name])).eval()
+
+
+def prompts_batch(b: int, t: int, vocab: int):
+    """Left-padded ids (b, t) and mask (b, t): row i has t - 3 * i real tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    for i in range(b):
+        mask[i, : 3 * i] = False
+    return ids, mask
+
+
+@torch.inference_mode()
+def run(model, ids, mask, steps: int, static: bool, step_fn=None):
+    """Greedy decode; -> (tokens (B, steps), logits of every step (steps, B, V))."""
+    b, t = ids.shape
+    cache = model.new_cache(b, t + steps + 1, static=static)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    tokens, all_logits = [], []
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        tokens.append(tok)
+        if static:
+            logits = (step_fn or model.decode_step)(tok[:, None], cache)
+            cache.advance_host()
+        else:
+            logits = model(tok[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        all_logits.append(logits)
+    return torch.stack(tokens, 1), torch.stack(all_logits)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_steps_equal_the_ordinary_path(name):
+    model = build(name)
+    ids, mask = prompts_batch(3, 12, model.config.vocab_size)
+    ref_tokens, ref_logits = run(model, ids, mask, 20, static=False)
+    tokens, logits = run(model, ids, mask, 20, static=True)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_state():
+    model = build("dense")
+    cache = model.new_cache(2, 16, static=True)
+    ids, mask = prompts_batch(2, 5, model.config.vocab_size)
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, cache=cache)
+        assert cache.length == 5 and int(cache.slot) == 5
+        model.decode_step(ids[:, -1:], cache)
+        cache.advance_host()
+    assert cache.length == 6 and int(cache.slot) == 6
+    assert cache.seen.tolist() == [6, 3]
+    assert cache.valid[:, :6].tolist() == [[True] * 6, [False] * 3 + [True] * 3]
+    assert not cache.valid[:, 6:].any()
+
+
+@pytest.mark.slow
+def test_compiled_step_is_captured_once_and_exact():
+    torch._dynamo.reset()
+    model = build("dense")
+    ids, mask = prompts_batch(2, 10, model.config.vocab_size)
+    compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    ref_tokens, ref_logits = run(model, ids, mask, 12, static=False)
+    tokens, logits = run(model, ids, mask, 12, static=True, step_fn=compiled)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # a second generation reuses the graph: no recompilation
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run(model, ids, mask, 12, static=True, step_fn=compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
