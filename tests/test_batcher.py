@@ -3,6 +3,7 @@ shares the batch with, decodes exactly what `generate` decodes for it alone."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from minimind.infer import GenerationConfig, generate
 from minimind.infer.batcher import Batcher, QueueFull
+from minimind.infer.sampling import choose
 from minimind.model import MiniMindForCausalLM, preset
 
 
@@ -214,3 +216,21 @@ def test_worker_thread_serves_concurrent_submitters(model):
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(PROMPTS[0], GREEDY, Collect())
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    # sampling.choose samples by inverse transform (one uniform per row, so the batcher can
+    # draw each row from its own generator): check the frequencies, and that a token of
+    # probability 0 is never drawn, even at u = 0.
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = p.log().expand(40000, 5)
+    tok = choose(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5) / len(tok)
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+    assert freq[4] == 0
+    zeros = choose(torch.tensor([[-math.inf, 0.0, 0.0]]), 1.0, uniform=torch.zeros(1, 1))
+    assert zeros.tolist() == [1]
+    # temperature 0.5 squares the probabilities (then renormalises)
+    tok = choose(logits, 0.5, generator=torch.Generator().manual_seed(1))
+    want = p**2 / (p**2).sum()
+    torch.testing.assert_close(torch.bincount(tok, minlength=5) / len(tok), want, atol=0.01, rtol=0)

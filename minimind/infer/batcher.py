@@ -19,8 +19,10 @@ Design decisions:
   its own seeded torch.Generator, drawn over its row only. Positions come from each row's count
   of real tokens and attention reads only valid slots, so a request decodes the tokens it would
   decode alone with `generate`, whoever it shares the batch with and whenever it arrives
-  (tested for several arrival patterns, greedy and seeded sampling). Rows whose choice is a
-  plain argmax (greedy, no penalty) take one batched argmax.
+  (tested for several arrival patterns, greedy and seeded sampling). Rows without penalties
+  are chosen in groups: one argmax for the greedy ones, one softmax and argmax for the sampled
+  ones of equal settings, each row with its own uniform draw (sampling.choose samples by
+  inverse transform), so sampling costs one tiny draw per row, not a processor chain.
 - One cache, left-padded: every row's slots end at the cache's last slot, so a step is one
   (R, 1) forward. New rows are prefilled in their own cache and merged in right-aligned; the
   merge also trims the slots no running row uses. Memory is bounded by `max_rows` x (the
@@ -50,6 +52,7 @@ import torch
 from minimind.model import KVCache, MiniMindForCausalLM
 
 from .generation import GenerationConfig, TokenChooser, left_pad, stop_token_ids
+from .sampling import choose
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ log = logging.getLogger(__name__)
 # one ("stop": it is a stop token; "length": the budget is spent). sink(None, "error") when the
 # batch failed (request.error holds the exception) or the batcher closed under it.
 Sink = Callable[[int | None, str | None], None]
+
+
+COUNTERS = ("steps", "tokens", "admitted", "finished", "cancelled")  # totals since start
 
 
 class QueueFull(RuntimeError):
@@ -128,7 +134,7 @@ class Batcher:
         self._rows: list[_Row] = []  # cache row j is self._rows[j]
         self._cache: KVCache | None = None
         self._last: torch.Tensor | None = None  # (R,) long: each row's newest, unfed token
-        self.counters = collections.Counter()  # steps, tokens, admitted, finished, cancelled
+        self.counters = collections.Counter()  # COUNTERS
 
     # --- the caller's side ------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], config: GenerationConfig, sink: Sink) -> Request:
@@ -176,7 +182,7 @@ class Batcher:
             "max_waiting": self.max_waiting,
             "cache_length": 0 if cache is None else cache.length,
             "cache_capacity": 0 if cache is None else cache.max_len,
-            **self.counters,
+            **{k: self.counters[k] for k in COUNTERS},
         }
 
     # --- the worker thread ------------------------------------------------------------------
@@ -298,17 +304,30 @@ class Batcher:
         return used + max(1, min(self.growth, ahead))
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
-        """logits (R, V) -> next tokens (R,) long, each row by its own chooser."""
-        plain = [j for j, row in enumerate(rows) if row.chooser.is_argmax(row.generated)]
-        if len(plain) == len(rows):
-            return logits.argmax(-1)
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        if plain:
-            index = torch.tensor(plain, device=logits.device)
-            out[index] = logits[index].argmax(-1)
+        """logits (R, V) -> next tokens (R,) long, each row by its own chooser.
+
+        Rows whose choice is plain (`TokenChooser.plain`) go in groups of equal settings: one
+        argmax, or one `choose` over the group with each row's own uniform; the others (with
+        penalties or stop suppression) one by one.
+        """
+        groups: dict[tuple | None, list[int]] = {}
         for j, row in enumerate(rows):
-            if not row.chooser.is_argmax(row.generated):
-                out[j] = row.chooser(logits[j : j + 1], row.generated)[0]
+            groups.setdefault(row.chooser.plain(row.generated), []).append(j)
+        if list(groups) == [("argmax",)]:
+            return logits.argmax(-1)  # the common greedy case: one op for the whole batch
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for key, members in groups.items():
+            if key is None:
+                for j in members:
+                    out[j] = rows[j].chooser(logits[j : j + 1], rows[j].generated)[0]
+                continue
+            index = torch.tensor(members, device=logits.device)
+            if key == ("argmax",):
+                out[index] = logits[index].argmax(-1)
+                continue
+            _, temperature, top_k, top_p = key
+            u = torch.cat([rows[j].chooser.uniform(logits.device) for j in members])  # (G, 1)
+            out[index] = choose(logits[index].float(), temperature, top_k, top_p, uniform=u)
         return out
 
     def _emit(self, rows: Sequence[_Row], tokens: torch.Tensor) -> list[int]:

@@ -208,15 +208,23 @@ class TokenChooser:
                 self.generator.manual_seed(cfg.seed)
         self.stop_tensor = torch.tensor(tuple(stop_ids), dtype=torch.long, device=device)
 
-    def is_argmax(self, step: int) -> bool:
-        """True when the choice at `step` is a plain argmax of the logits (no processor
-        changes them): callers may then take the argmax of many rows at once."""
-        return (
-            self.cfg.temperature == 0
-            and self.seen is None
-            and self.counts is None
-            and (step >= self.cfg.min_new_tokens or self.stop_tensor.numel() == 0)
-        )
+    def plain(self, step: int) -> tuple | None:
+        """When no processor changes the logits at `step` (no penalty, no stop suppression),
+        what the choice is: ("argmax",) or ("sample", temperature, top_k, top_p); else None.
+        Rows with the same answer may be chosen together (`sampling.choose` with each row's
+        `uniform`), exactly as each alone."""
+        cfg = self.cfg
+        if self.seen is not None or self.counts is not None:
+            return None
+        if step < cfg.min_new_tokens and self.stop_tensor.numel() > 0:
+            return None
+        if cfg.temperature == 0:
+            return ("argmax",)
+        return ("sample", cfg.temperature, cfg.top_k, cfg.top_p)
+
+    def uniform(self, device: torch.device) -> torch.Tensor:
+        """This row's next sampling draw (1, 1), as `__call__` would draw it for one row."""
+        return torch.rand(1, 1, generator=self.generator, device=device)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """logits (B, V) of the step-th new token -> token ids (B,)."""

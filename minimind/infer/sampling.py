@@ -96,18 +96,34 @@ def choose(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token per row, (B,) long: argmax when temperature == 0, else a draw from
-    softmax(top_p(top_k(logits / temperature))).
+    p = softmax(top_p(top_k(logits / temperature))).
+
+    The draw is inverse transform sampling: one uniform u per row, and the token whose interval
+    of the cumulative distribution (float64, so even tiny probabilities keep their mass) holds
+    u * total. The randomness is thus one number per row, which `uniform` (B, 1) may supply:
+    the continuous batcher draws each row's from that row's own generator, so rows sampled
+    together draw exactly what they would alone. Otherwise it comes from `generator`.
 
     >>> choose(torch.tensor([[0.0, 5.0, 1.0], [9.0, 0.0, 0.0]]), temperature=0.0)
     tensor([1, 0])
     >>> g = torch.Generator().manual_seed(0)
     >>> choose(torch.tensor([[0.0, 5.0, 1.0]]), temperature=1.0, top_k=1, generator=g)
     tensor([1])
+    >>> p = torch.tensor([[0.5, 0.0, 0.5]]).log()  # u * total below 0.5: token 0, else token 2
+    >>> choose(p, 1.0, uniform=torch.tensor([[0.49]])), choose(p, 1.0, uniform=torch.tensor([[0.5]]))
+    (tensor([0]), tensor([2]))
     """
     if temperature == 0.0:
         return logits.argmax(-1)
     logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.double().softmax(-1).cumsum(-1)  # (B, V), non-decreasing
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    target = uniform.to(cdf.dtype) * cdf[:, -1:]  # (B, 1), < total since u < 1
+    # right=True: the first token whose cumulative mass exceeds the target, never a token of
+    # probability 0 (its interval is empty); the clamp guards a target rounded up to the total.
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return index.clamp_(max=cdf.shape[-1] - 1)
