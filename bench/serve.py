@@ -1,0 +1,336 @@
+"""Benchmark: the OpenAI-compatible server under N concurrent streaming clients.
+
+Starts the real server (scripts/serve_openai_api.py, in its own process) on a model of the
+given preset with random weights and a tokenizer trained on the demo corpus, then for each
+client count N runs N concurrent streaming chat clients on localhost (asyncio + httpx, raw
+server-sent events), each sending `--rounds` requests one after another. Every request asks
+for exactly `--tokens` tokens (`ignore_eos`, the vLLM extension the server accepts), so all
+levels decode the same work. Per level it reports:
+
+- aggregate tokens/s: completion tokens (from each stream's usage chunk) / wall time of the
+  level, and its ratio to the single-client level;
+- per-stream tokens/s: each request's tokens / its own duration, median;
+- time to first token, p50 and p99: from sending the request to the first chunk carrying text
+  (queueing and prefill included);
+- rows per step: tokens decoded / batcher steps during the level (from /health): how many
+  streams really shared each decoding step.
+
+Then, with the server stopped, the same requests go straight into a `Batcher` in this process
+(no HTTP, no client): the engine's own tokens/s at each level, which separates what batching
+gains from what HTTP and the clients cost on the same cores.
+
+The client runs in this process and the server in another, on the same machine: on a 2-core
+machine they share the cores (the server gets `--server-threads` torch threads, default 1).
+Bounded: at most `--max-seconds` per level (then clients send no further request). Every
+level runs `--repeats` times, interleaved with the others, and its best run is reported (load
+from other processes only ever adds time); all runs are kept in the JSON. A benchmark, not a
+test: it never asserts a speed. Prints a table and writes JSON (default
+bench/results/serve.json). Run `python bench/serve.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import torch
+
+from minimind.checkpoint import save_checkpoint
+from minimind.data.demo import write_demo_corpus
+from minimind.infer.batcher import Batcher
+from minimind.infer.chat import prompt_ids
+from minimind.infer.generation import GenerationConfig
+from minimind.infer.load import load_model
+from minimind.model import MiniMindForCausalLM, preset
+from minimind.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "serve.json"
+QUESTION = "Tell me a long story about the little world and everyone who lives in it."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arg = p.add_argument
+    arg("--preset", default="demo", help="model preset (random weights)")
+    arg("--device", default="cpu", help="the server's device: cpu, cuda, auto")
+    arg("--clients", default="1,4,16", help="comma-separated client counts; 1 is the baseline")
+    arg("--tokens", type=int, default=128, help="completion tokens per request (forced)")
+    arg("--rounds", type=int, default=2, help="requests per client, one after another")
+    arg("--repeats", type=int, default=3, help="runs of every level, interleaved; best kept")
+    arg("--max-seconds", type=float, default=60.0, help="per level: no new request after this")
+    arg("--max-rows", type=int, default=32, help="the server's --max_rows")
+    arg("--server-threads", type=int, default=1, help="the server's torch threads")
+    arg("--quick", action="store_true", help="tiny preset, few tokens: a smoke run of seconds")
+    arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.clients, args.tokens, args.rounds, args.repeats = "tiny", "1,4", 16, 1, 1
+    args.levels = sorted({int(c) for c in args.clients.split(",")} | {1})
+    return args
+
+
+def make_checkpoint(folder: Path, name: str) -> tuple[Path, int]:
+    """A random-weight model of the preset with a tokenizer trained on the demo corpus."""
+    files = write_demo_corpus(folder / "corpus", seed=0, size_mb=0.2)
+    texts = files["pretrain"].read_text("utf-8").splitlines()
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(preset(name))
+    vocab = min(model.config.vocab_size, 2048)
+    tok = train_tokenizer(texts, folder / "tokenizer", vocab_size=vocab, show_progress=False)
+    return save_checkpoint(folder / "model", model, tokenizer_dir=tok), model.num_parameters()
+
+
+def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "serve_openai_api.py"),
+        "--load_from", str(ckpt),
+        "--device", args.device,
+        "--port", str(port),
+        "--max_rows", str(args.max_rows),
+        "--threads", str(args.server_threads),
+        "--log_level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start in 120 s")
+        time.sleep(0.1)
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int
+) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 1.0,  # a random model's greedy text is one token repeated
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            if first is None and any(
+                c["delta"].get("content") or c["delta"].get("reasoning_content")
+                for c in chunk["choices"]
+            ):
+                first = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return {"ttft": first if first is not None else seconds, "tokens": count, "seconds": seconds}
+
+
+async def run_level(url: str, model: str, clients: int, args) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        before = (await client.get(url + "/health")).json()
+        results: list[dict] = []
+        t0 = time.perf_counter()
+
+        async def loop() -> None:
+            for _ in range(args.rounds):
+                if time.perf_counter() - t0 > args.max_seconds:
+                    return
+                seed = len(results)
+                results.append(await one_request(client, url, model, args.tokens, seed))
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        after = (await client.get(url + "/health")).json()
+    ttfts = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    steps = after["steps"] - before["steps"]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "per_stream_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in results),
+        "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+        "rows_per_step": (after["tokens"] - before["tokens"]) / steps if steps else 0.0,
+    }
+
+
+def engine_level(loaded, clients: int, args) -> float:
+    """Tokens/s of the bare batcher for `clients` requests of the benchmark's settings."""
+    ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": QUESTION}])
+    batcher = Batcher(loaded.model, max_rows=args.max_rows)
+    for seed in range(clients):
+        cfg = GenerationConfig(
+            max_new_tokens=args.tokens, temperature=1.0, seed=seed, stop_token_ids=()
+        )
+        batcher.submit(ids, cfg, lambda token, reason: None)
+    t0 = time.perf_counter()
+    while not batcher.idle:
+        batcher.step()
+    return clients * args.tokens / (time.perf_counter() - t0)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 99)
+    (2.0, 4.0)
+    """
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n q / 100), at least 1
+    return sorted_values[int(rank) - 1]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def table(levels: list[dict]) -> str:
+    rows = [
+        ("clients", "requests", "tokens", "seconds", "agg tok/s", "vs 1", "stream tok/s",
+         "TTFT p50 ms", "TTFT p99 ms", "rows/step"),
+    ]  # fmt: skip
+    for lv in levels:
+        rows.append(
+            (
+                str(lv["clients"]),
+                str(lv["requests"]),
+                str(lv["tokens"]),
+                f"{lv['wall_s']:.1f}",
+                f"{lv['tokens_per_s']:.0f}",
+                f"{lv['speedup']:.2f}x",
+                f"{lv['per_stream_tokens_per_s']:.0f}",
+                f"{lv['ttft_p50_ms']:.0f}",
+                f"{lv['ttft_p99_ms']:.0f}",
+                f"{lv['rows_per_step']:.1f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, params = make_checkpoint(Path(tmp), args.preset)
+        proc, url = start_server(ckpt, args)
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(run_level(url, model, 1, argparse.Namespace(**{**vars(args), "rounds": 1})))
+            load_start = os.getloadavg()
+            runs = {n: [] for n in args.levels}
+            for _ in range(args.repeats):  # interleaved, so background load hits every level
+                for n in args.levels:
+                    runs[n].append(asyncio.run(run_level(url, model, n, args)))
+            load_end = os.getloadavg()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        torch.set_num_threads(args.server_threads)
+        loaded = load_model(ckpt, device=args.device)
+        engine = {n: [] for n in args.levels}
+        for _ in range(args.repeats):
+            for n in args.levels:
+                engine[n].append(engine_level(loaded, n, args))
+    # Load only ever adds time: each level's best run is the figure (as bench/model.py does).
+    levels = [max(runs[n], key=lambda r: r["tokens_per_s"]) for n in args.levels]
+    for lv in levels:
+        lv["speedup"] = lv["tokens_per_s"] / levels[0]["tokens_per_s"]
+        lv["all_runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs[lv["clients"]]]
+        lv["engine_tokens_per_s"] = max(engine[lv["clients"]])
+        lv["engine_speedup"] = lv["engine_tokens_per_s"] / max(engine[levels[0]["clients"]])
+    report = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": args.device,
+            "cpu": cpu_name(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "server_threads": args.server_threads,
+            # Other processes' load skews CPU timings; kept with the figures it may have skewed.
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "preset": args.preset,
+            "params": params,
+            "tokens_per_request": args.tokens,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "max_rows": args.max_rows,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
+        "levels": levels,
+    }
+    m = report["meta"]
+    print(
+        f"{m['preset']} ({params / 1e6:.2f}M params, random weights) on {m['cpu']}, server "
+        f"{m['server_threads']} thread(s); {args.tokens} tokens per request, {args.rounds} "
+        f"per client; best of {args.repeats} interleaved runs per level; 1-min load average "
+        f"{load_start[0]:.1f} -> {load_end[0]:.1f}"
+    )
+    print(table(levels))
+    print(
+        "engine only (the same requests straight into a Batcher, no HTTP): "
+        + ", ".join(
+            f"batch {lv['clients']}: {lv['engine_tokens_per_s']:.0f} tok/s "
+            f"({lv['engine_speedup']:.2f}x)"
+            for lv in levels
+        )
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
