@@ -2,8 +2,9 @@
 
 Starts the real server (scripts/serve_openai_api.py, in its own process) on a model of the
 given preset with random weights and a tokenizer trained on the demo corpus, then for each
-client count N runs N concurrent streaming chat clients on localhost (asyncio + httpx, raw
-server-sent events), each sending `--rounds` requests one after another. Every request asks
+client count N runs N concurrent streaming chat clients on localhost (asyncio connections
+speaking HTTP/1.1 and server-sent events directly: a light load generator), each sending
+`--rounds` requests one after another. Every request asks
 for exactly `--tokens` tokens (`ignore_eos`, the vLLM extension the server accepts), so all
 levels decode the same work. Per level it reports:
 
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,11 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--device", default="cpu", help="the server's device: cpu, cuda, auto")
     arg("--clients", default="1,4,16", help="comma-separated client counts; 1 is the baseline")
     arg("--tokens", type=int, default=128, help="completion tokens per request (forced)")
-    arg("--rounds", type=int, default=2, help="requests per client, one after another")
+    arg("--rounds", type=int, default=3, help="requests per client, one after another")
     arg("--repeats", type=int, default=3, help="runs of every level, interleaved; best kept")
     arg("--max-seconds", type=float, default=60.0, help="per level: no new request after this")
     arg("--max-rows", type=int, default=32, help="the server's --max_rows")
     arg("--server-threads", type=int, default=1, help="the server's torch threads")
+    arg("--stream-interval", type=float, default=0.0, help="the server's --stream_interval")
     arg("--quick", action="store_true", help="tiny preset, few tokens: a smoke run of seconds")
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     args = p.parse_args(argv)
@@ -111,6 +114,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
         "--port", str(port),
         "--max_rows", str(args.max_rows),
         "--threads", str(args.server_threads),
+        "--stream_interval", str(args.stream_interval),
         "--log_level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,9 +134,35 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.1)
 
 
-async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int
-) -> dict:
+async def sse_post(url: str, path: str, body: dict) -> AsyncIterator[str]:
+    """POST `body` as JSON over a fresh HTTP/1.1 connection and yield each server-sent event's
+    data. A few lines of asyncio instead of an HTTP library: the load generator shares the
+    cores with the server, so it should take as little of them as it can."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + payload)
+    try:
+        status = (await reader.readuntil(b"\r\n")).split()[1]
+        headers = (await reader.readuntil(b"\r\n\r\n")).lower()
+        if status != b"200" or b"transfer-encoding: chunked" not in headers:
+            raise RuntimeError(f"{path}: HTTP {status.decode()}: {await reader.read()!r}")
+        buffer = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):  # chunked body
+            buffer += (await reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield event[6:].decode()
+    finally:
+        writer.close()
+
+
+async def one_request(url: str, model: str, tokens: int, seed: int) -> dict:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": QUESTION}],
@@ -146,29 +176,23 @@ async def one_request(
     t0 = time.perf_counter()
     first = None
     count = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                count = chunk["usage"]["completion_tokens"]
-            if first is None and any(
-                c["delta"].get("content") or c["delta"].get("reasoning_content")
-                for c in chunk["choices"]
-            ):
-                first = time.perf_counter() - t0
+    async for data in sse_post(url, "/v1/chat/completions", body):
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            count = chunk["usage"]["completion_tokens"]
+        if first is None and any(
+            c["delta"].get("content") or c["delta"].get("reasoning_content")
+            for c in chunk["choices"]
+        ):
+            first = time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     return {"ttft": first if first is not None else seconds, "tokens": count, "seconds": seconds}
 
 
 async def run_level(url: str, model: str, clients: int, args) -> dict:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600) as client:
         before = (await client.get(url + "/health")).json()
         results: list[dict] = []
         t0 = time.perf_counter()
@@ -178,7 +202,7 @@ async def run_level(url: str, model: str, clients: int, args) -> dict:
                 if time.perf_counter() - t0 > args.max_seconds:
                     return
                 seed = len(results)
-                results.append(await one_request(client, url, model, args.tokens, seed))
+                results.append(await one_request(url, model, args.tokens, seed))
 
         await asyncio.gather(*(loop() for _ in range(clients)))
         wall = time.perf_counter() - t0
@@ -295,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu": cpu_name(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "server_threads": args.server_threads,
+            "stream_interval": args.stream_interval,
             # Other processes' load skews CPU timings; kept with the figures it may have skewed.
             "loadavg_start": load_start,
             "loadavg_end": load_end,

@@ -406,6 +406,23 @@ def test_full_queue_answers_429(loaded):
         server.stop()
 
 
+def test_stream_interval_groups_tokens_into_fewer_chunks(loaded):
+    server = Server(create_app(loaded, stream_interval=0.3))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        chunks = list(
+            client.completions.create(
+                model=loaded.name, prompt="hi", max_tokens=40, temperature=0, stream=True,
+                extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        assert chunks[-1].usage.completion_tokens == 40
+        assert 1 <= len(texts) < 10  # 40 tokens, but few chunks: the first, then one per 0.3 s
+    finally:
+        server.stop()
+
+
 def test_scripts_serve_and_chat(ckpt, tmp_path):
     """scripts/serve_openai_api.py with MiniMind's flags, and scripts/chat_openai_api.py
     (the official openai package) streaming a reply from it."""

@@ -19,11 +19,11 @@ Design decisions:
   the row is cancelled at once. Reasoning (`<think>...</think>`) is sent as
   `reasoning_content`; with `tools`, `<tool_call>` blocks become `tool_calls` and the finish
   reason "tool_calls" (reply.py).
-- A stream sends a chunk at most every `stream_interval` seconds (default 20 ms, 50 chunks/s:
-  smooth to the eye); the first text goes out at once, and the tokens decoded in between share
-  one chunk. The HTTP work then grows with streams, not with tokens: it shares the cores and
-  the GIL with the decoding thread, and one chunk per token per stream was what capped the
-  aggregate rate (bench/serve.py: 16 streams went from about 4x to about Nx one stream).
+- A stream sends what it has whenever the decoding thread wakes it: one chunk per step, or one
+  chunk for several tokens when the writer fell behind. `stream_interval` (seconds, default 0)
+  can space a stream's chunks further (the first text still goes at once): fewer, larger
+  chunks for clients that pay per chunk. On the 2 shared cores of bench/serve.py, 20 ms made no
+  difference that rose above the run-to-run noise at 16 streams, so it is off by default.
 - `usage` counts prompt tokens once per prompt and every token generated (a final stop token
   included). A stream carries it in a last chunk with empty choices when
   `stream_options.include_usage` is true, as OpenAI does, and not at all otherwise.
@@ -98,7 +98,7 @@ class OpenAIServer:
         batcher: Batcher,
         api_key: str | None = None,
         served_names: Sequence[str] | None = None,
-        stream_interval: float = 0.02,
+        stream_interval: float = 0.0,
     ):
         self.loaded, self.batcher, self.api_key = loaded, batcher, api_key
         self.stream_interval = stream_interval
@@ -372,7 +372,7 @@ def create_app(
     max_waiting: int = 256,
     max_len: int | None = None,
     served_names: Sequence[str] | None = None,
-    stream_interval: float = 0.02,
+    stream_interval: float = 0.0,
 ) -> FastAPI:
     """The FastAPI app serving `loaded`; its batcher thread runs while the app is up
     (`app.state.server.batcher`)."""
@@ -473,9 +473,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument(
         "--stream_interval",
         type=float,
-        default=0.02,
+        default=0.0,
         help="seconds between a stream's chunks at least (the first goes at once); tokens "
-        "generated meanwhile share a chunk. 0: one chunk per decoding step",
+        "decoded meanwhile share a chunk. 0: a chunk whenever tokens are ready",
     )
     g.add_argument("--log_level", default="info")
     return p.parse_args(argv)
