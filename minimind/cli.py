@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.convert.cli:main",
         "convert weights: MiniMind2 .pth <-> transformers folder <-> our checkpoint",
     ),
+    "serve": (
+        "minimind.serve.openai_api:main",
+        "the OpenAI-compatible API server (continuous batching; MiniMind's serve flags)",
+    ),
     "web": (
         "minimind.serve.web:main",
         "chat in the browser (Streamlit) with a local model or an OpenAI-compatible endpoint",
