@@ -89,3 +89,50 @@ def test_compiled_step_is_captured_once_and_exact():
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     run(model, ids, mask, 12, static=True, step_fn=compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
+
+
+# --- generate() over the static cache (minimind.infer.steps) ------------------------------
+
+PROMPTS = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]
+
+
+def wide_model() -> MiniMindForCausalLM:
+    # untied and widely initialised: varied greedy tokens (as in test_generate.py)
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(preset("tiny", tie_word_embeddings=False, initializer_range=0.1))
+
+
+@torch.inference_mode()
+def recompute(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_generate_grows_the_cache_exactly():
+    from minimind.infer import generate
+    from minimind.infer.steps import CHUNK
+
+    model = wide_model().eval()
+    n = 2 * CHUNK + 20  # the capacity starts at prompt + CHUNK and doubles twice
+    out = generate(model, PROMPTS, max_new_tokens=n, temperature=0, stop_token_ids=())
+    assert [list(o) for o in out] == [recompute(model, p, n) for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_generate_compiled_equals_eager():
+    from minimind.infer import generate
+
+    model = wide_model().eval()
+    eager = generate(model, PROMPTS, max_new_tokens=24, temperature=0, stop_token_ids=())
+    # stop row 0 early: with compile, finished rows are decoded along, not dropped
+    stops = (eager[0][3],)
+    expected = generate(model, PROMPTS, max_new_tokens=24, temperature=0, stop_token_ids=stops)
+    got = generate(
+        model, PROMPTS, max_new_tokens=24, temperature=0, stop_token_ids=stops, compile=True
+    )
+    assert got == expected
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
+    sampled = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)
+    assert generate(model, PROMPTS, **sampled, compile=True) == generate(model, PROMPTS, **sampled)

@@ -12,6 +12,8 @@ Design decisions:
   exactly as it would alone.
 - The cache is sized to the longest prompt plus the token budget, not to the model's maximum
   context: the buffers are allocated (and zeroed) once per call.
+- Decode steps run over a StaticKVCache (steps.py: fixed shapes, no host sync, optionally
+  compiled with `compile=True`).
 - A row that finishes is dropped from the batch at once (`KVCache.reorder`), rather than
   decoded along and ignored. A drop copies the cache once (about 0.5 ms per remaining row at
   400 slots for minimind2-small on 2 CPU cores, under one decode step), while a dead row costs
@@ -37,6 +39,7 @@ import torch
 from minimind.model import MiniMindForCausalLM
 
 from .sampling import choose, presence_frequency_penalty, repetition_penalty
+from .steps import Stepper
 
 
 @dataclass
@@ -61,6 +64,9 @@ class GenerationConfig:
     # None draws a fresh seed. The global RNG is never used.
     seed: int | None = None
     max_len: int | None = None
+    # Execution, not choice: decode steps through torch.compile (steps.py). Same tokens up to
+    # float reassociation; the first call compiles (tens of seconds on a CPU).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -267,19 +273,23 @@ def _decode(
     device = ids.device
     b, t = ids.shape
     stop_ids = stop_token_ids(cfg, mcfg.eos_token_id)
-    cache = model.new_cache(b, t + budget)
+    stepper = Stepper(model, b, t, budget, compile=cfg.compile)
     chooser = TokenChooser(cfg, ids, mask, mcfg.vocab_size, stop_ids)
     stop_set = set(stop_ids)
 
-    rows = list(range(b))  # cache row j holds prompt row rows[j]; finished rows are dropped
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    # cache row j holds prompt row rows[j] (None: finished, decoded along when rows cannot be
+    # dropped, see steps.py)
+    rows: list[int | None] = list(range(b))
+    logits = stepper.prefill(ids, mask)
     for step in range(budget):
-        tok = chooser(logits, step)  # (b',), b' = rows still running
+        tok = chooser(logits, step)  # (b',), b' = rows in the cache
 
         tokens: list[int | None] = [None] * b
         reasons: list[str | None] = [None] * b
         keep = []  # cache rows that go on
         for j, token in enumerate(tok.tolist()):
+            if rows[j] is None:
+                continue
             tokens[rows[j]] = token
             if token in stop_set:
                 reasons[rows[j]] = "stop"
@@ -291,14 +301,17 @@ def _decode(
         if not keep:
             return
 
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.reorder(index)
-            chooser.keep(index)
-            tok = tok[index]
-            rows = [rows[j] for j in keep]
+        if len(keep) < sum(r is not None for r in rows):
+            if stepper.drops_rows:
+                index = torch.tensor(keep, device=device)
+                stepper.reorder(index)
+                chooser.keep(index)
+                tok = tok[index]
+                rows = [rows[j] for j in keep]
+            else:
+                rows = [r if j in keep else None for j, r in enumerate(rows)]
         chooser.record(tok)
-        logits = model(tok[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = stepper.step(tok)
 
 
 def generate(

@@ -215,3 +215,10 @@ class StaticKVCache(KVCache):
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
         self.slot_layers = [SlotLayerCache(self, i) for i in range(len(self.layers))]
+
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache], max_len: int) -> StaticKVCache:
+        """KVCache.merge, with the device slot set to the merged length (also: regrowth)."""
+        out = super().merge(caches, max_len)
+        out.slot.fill_(out.length)
+        return out

@@ -1,0 +1,95 @@
+"""How `generate` runs its decode steps: one token per row over a StaticKVCache, either eager
+or through `torch.compile`, with the cache growing in chunks.
+
+Why a static cache even without compiling: the step reads and writes only tensors (the write
+slot, positions and validity live on the device), so there is no host synchronisation and
+attention reads contiguous whole buffers instead of strided views of the filled prefix.
+Measured on 2 shared CPU cores, batch 1, 64 new tokens after 32, best of 5: minimind2-small
+7.31 -> 6.38 ms per token, demo 1.46 -> 1.35 (`/tmp`-style A/B in one process).
+Its cost: attention spans the whole capacity, not just the filled slots, so capacity starts
+at the prompt plus a small chunk and doubles when full (an eager regrowth is one copy).
+
+`compile=True` captures the step once per (batch, capacity) with torch.compile: capacity is
+then the prompt plus the whole budget (rounded up to a multiple of 64, so calls share graphs)
+and finished rows are decoded along rather than dropped (a new batch size would recompile).
+The first call pays the compilation (about 20-30 s on a CPU); it pays off for long outputs
+and on GPUs.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from minimind.model import MiniMindForCausalLM
+from minimind.model.cache import StaticKVCache
+
+CHUNK = 64  # capacity granularity (slots)
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _round_up(n: int, k: int = CHUNK) -> int:
+    return -(-n // k) * k
+
+
+def compiled_step(model: MiniMindForCausalLM):
+    """model.decode_step through torch.compile, made once per model and kept with it."""
+    fn = _compiled.get(model)
+    if fn is None:
+        # fullgraph=False: an MoE layer's grouped dispatch reads expert counts on the host
+        # (a graph break, still correct); dense models compile to one graph.
+        fn = torch.compile(model.decode_step, dynamic=False)
+        _compiled[model] = fn
+    return fn
+
+
+class Stepper:
+    """Owns the cache of one `generate` call and runs its decode steps.
+
+    prefill(ids (B, T), mask) -> logits (B, V) of the last position; step(tok (B,)) -> logits
+    (B, V) of the next; reorder(index) keeps rows (eager only: `drops_rows`).
+    """
+
+    def __init__(
+        self,
+        model: MiniMindForCausalLM,
+        batch: int,
+        prompt_len: int,
+        budget: int,
+        compile: bool = False,
+    ):
+        self.model, self.compile = model, compile
+        self.limit = prompt_len + budget  # the most slots this call can fill
+        if compile:
+            capacity = _round_up(self.limit)
+            self._step = compiled_step(model)
+        else:
+            capacity = min(self.limit, _round_up(prompt_len + CHUNK))
+            self._step = model.decode_step
+        self.cache = model.new_cache(batch, capacity, static=True)
+        self.drops_rows = not compile
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=1).logits[
+            :, -1
+        ]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        if self.cache.length == self.cache.max_len:
+            self._grow()
+        cache = self.cache
+        logits = self._step(tok[:, None], cache)
+        cache.advance_host()
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+    def _grow(self) -> None:
+        cache = self.cache
+        capacity = min(self.limit, 2 * cache.max_len)
+        if capacity <= cache.max_len:
+            raise ValueError(f"KV cache full at {cache.max_len} slots")
+        self.cache = StaticKVCache.merge([cache], capacity)
+        self.model.model.rotary.ensure(capacity, cache.valid.device)
