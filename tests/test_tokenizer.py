@@ -117,8 +117,9 @@ def test_roundtrip_random_unicode(ours, reference, text):
 @given(data=st.data(), skip=st.booleans())
 def test_stream_equals_full_decode(ours, reference, data, skip):
     # Random ids include invalid UTF-8; the stream must replace it exactly as decode does.
+    # Ids past the vocabulary (a model's embedding may be larger) decode to nothing in both.
     for tok in (ours, reference):
-        ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=40))
+        ids = data.draw(st.lists(st.integers(0, tok.vocab_size + 20), max_size=40))
         stream = tok.stream(skip_special_tokens=skip)
         pieces = [stream.put(i) for i in ids] + [stream.flush()]
         assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)

@@ -58,7 +58,9 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def put(self, token_id: int) -> str:
-        if token_id in self._skip:
+        # An id beyond the vocabulary (a model whose embedding table is larger than its
+        # tokenizer, as trained models often are) decodes to nothing, as in a full decode.
+        if token_id in self._skip or not 0 <= token_id < len(self._table):
             return ""
         return self._utf8.decode(self._table[token_id])
 
