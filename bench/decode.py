@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--repeats", type=int, default=5, help="timed calls per side")
     arg("--threads", type=int, default=0, help="threads per side (0: one per core)")
     arg("--skip-llamacpp", action="store_true", help="ours and transformers only")
+    arg("--no-compile", action="store_true", help="skip the compiled side (generate(compile=True))")
     arg("--quick", action="store_true", help="tiny preset, 8 + 8 tokens, 1 repeat: a smoke run")
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     args = p.parse_args(argv)
@@ -86,10 +87,19 @@ def llama_cpp_module():
 # --- the sides -------------------------------------------------------------------------------
 
 
-def ours_fn(model: MiniMindForCausalLM, prompt: list[int], n: int, out: dict):
+def ours_fn(model: MiniMindForCausalLM, prompt: list[int], n: int, out: dict, compile=False):
+    side = "ours compiled" if compile else "ours"
+
     def run() -> None:
-        out["ours"] = list(
-            generate(model, [prompt], max_new_tokens=n, min_new_tokens=n, temperature=0)[0]
+        out[side] = list(
+            generate(
+                model,
+                [prompt],
+                max_new_tokens=n,
+                min_new_tokens=n,
+                temperature=0,
+                compile=compile,
+            )[0]
         )
 
     return run
@@ -164,6 +174,8 @@ def bench_preset(name: str, args, llama_cpp) -> dict:
     n = args.new_tokens
     out: dict[str, list[int]] = {}
     fns = {"ours": ours_fn(model, prompt, n, out), "hf": hf_fn(hf, prompt, n, cfg, out)}
+    if not args.no_compile:  # the warm-up call compiles (not timed)
+        fns["ours compiled"] = ours_fn(model, prompt, n, out, compile=True)
     with tempfile.TemporaryDirectory() as tmp:
         llms = {}
         if llama_cpp is not None:
@@ -194,6 +206,10 @@ def bench_preset(name: str, args, llama_cpp) -> dict:
     }
     ours = sides["ours"]["tokens_per_s"]
     ratios = {f"ours/{s}": ours / v["tokens_per_s"] for s, v in sides.items() if s != "ours"}
+    if "ours compiled" in sides:
+        ratios["ours compiled/hf"] = (
+            sides["ours compiled"]["tokens_per_s"] / sides["hf"]["tokens_per_s"]
+        )
     print(f"  {name}: {wall:.0f} s", file=sys.stderr)
     return {"params": model.num_parameters(), "sides": sides, "ratios": ratios, "wall_s": wall}
 
@@ -224,8 +240,21 @@ def meta(args, llama_cpp) -> dict:
 
 
 def table(report: dict) -> str:
-    sides = ["ours", "hf", "llama.cpp f32", "llama.cpp f16"]
-    head = ["preset", *[f"{s} tok/s" for s in sides], "ours/hf", "ours/llama f32", "ours/llama f16"]
+    sides = ["ours", "ours compiled", "hf", "llama.cpp f32", "llama.cpp f16"]
+    ratio_keys = (
+        "ours/hf",
+        "ours compiled/hf",
+        "ours/llama.cpp f32",
+        "ours/llama.cpp f16",
+    )
+    head = [
+        "preset",
+        *[f"{s} tok/s" for s in sides],
+        "ours/hf",
+        "compiled/hf",
+        "ours/llama f32",
+        "ours/llama f16",
+    ]
     rows = [head]
     for name, r in report["presets"].items():
         s, q = r["sides"], r["ratios"]
@@ -233,10 +262,7 @@ def table(report: dict) -> str:
             [
                 f"{name} ({r['params'] / 1e6:.1f}M)",
                 *[f"{s[x]['tokens_per_s']:.0f}" if x in s else "-" for x in sides],
-                *[
-                    f"{q[k]:.2f}x" if k in q else "-"
-                    for k in ("ours/hf", "ours/llama.cpp f32", "ours/llama.cpp f16")
-                ],
+                *[f"{q[k]:.2f}x" if k in q else "-" for k in ratio_keys],
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
