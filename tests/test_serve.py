@@ -401,7 +401,8 @@ def test_full_queue_answers_429(loaded):
         assert busy and busy[0].headers["retry-after"] == "1"
         assert busy[0].json()["error"]["code"] == "queue_full"
         again = httpx.post(server.url + "/v1/completions", json=body)  # idle again: accepted
-        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 300
+        assert again.status_code == 200, again.text
+        assert again.json()["usage"]["completion_tokens"] == 300
     finally:
         server.stop()
 

@@ -89,3 +89,12 @@ def test_reply_stream_stops_and_plain_completions(tokenizer):
     raw = ReplyStream(tokenizer, ["END"], chat=False)
     text = "".join(v for t in ids for _, v in raw.feed(t)) + "".join(v for _, v in raw.finish())
     assert text == "<think>\nhm\n</think>\n\nabc "
+
+
+def test_ids_beyond_the_tokenizer_are_no_text(tokenizer):
+    # A model may have more embedding rows than its tokenizer has tokens; sampling one of those
+    # ids must not break the stream (it counts as a token, with no text).
+    reply = ReplyStream(tokenizer, chat=False)
+    ids = [*tokenizer.encode("ok"), tokenizer.vocab_size + 3, *tokenizer.encode(" go")]
+    text = "".join(v for t in ids for _, v in reply.feed(t)) + "".join(v for _, v in reply.finish())
+    assert text == "ok go" and reply.tokens == len(ids)

@@ -158,7 +158,7 @@ class OpenAIServer:
         sub = Submission(self.batcher, [ids] * req.n, configs)
         meta = self._meta("chatcmpl", "chat.completion")
         if req.stream:
-            return self._stream(request, sub, choices, len(ids), req.include_usage, meta, True)
+            return self._stream(sub, choices, len(ids), req.include_usage, meta, True)
         await self._collect(request, sub, choices)
         return {
             **meta,
@@ -187,9 +187,7 @@ class OpenAIServer:
         prompt_tokens = sum(len(p) for p in prompts[:: req.n])
         meta = self._meta("cmpl", "text_completion")
         if req.stream:
-            return self._stream(
-                request, sub, choices, prompt_tokens, req.include_usage, meta, False
-            )
+            return self._stream(sub, choices, prompt_tokens, req.include_usage, meta, False)
         await self._collect(request, sub, choices)
         return {
             **meta,
@@ -287,7 +285,6 @@ class OpenAIServer:
 
     def _stream(
         self,
-        request: Request,
         sub: Submission,
         choices: list[_Choice],
         prompt_tokens: int,
