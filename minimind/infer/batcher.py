@@ -118,7 +118,9 @@ class Batcher:
         growth: int = 128,
     ):
         if max_rows < 1 or max_waiting < 0 or growth < 1 or max_prefill_tokens < 1:
-            raise ValueError("max_rows, growth and max_prefill_tokens must be >= 1")
+            raise ValueError(
+                "max_rows, growth and max_prefill_tokens must be >= 1, max_waiting >= 0"
+            )
         self.model = model
         self.max_rows, self.max_waiting = max_rows, max_waiting
         ctx = model.config.max_position_embeddings

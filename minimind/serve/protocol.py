@@ -5,7 +5,10 @@ a number belongs is an error, not a coercion) and every check a request must pas
 reaches the batcher: field types and ranges, unsupported options, the model name, and the
 token budget against the context. Each failure is an `APIError` with status 400 (404 for an
 unknown model) naming the offending parameter. Unknown fields are ignored, as OpenAI-compatible
-servers do, so clients that send newer fields keep working.
+servers do, so clients that send newer fields keep working (`response_format`, for one, has no
+effect). Options that would change the answer's meaning but cannot be honoured are refused:
+`logprobs`, `echo`, `suffix`. `tool_choice="none"` leaves the tools out of the prompt; other
+values list them, but a small model cannot be forced to call one ("required" is not enforced).
 
 Extensions beyond OpenAI's fields, with vLLM's names: `top_k`, `repetition_penalty`,
 `min_tokens`, `ignore_eos` (the benchmark uses it to force a fixed length), and for chat
