@@ -161,7 +161,9 @@ def run(
         print(f"   {task}: {acc.correct}/{acc.total} correct ({100 * acc.value:.1f}%)")
         for question, answer, gold, ok in acc.samples[:2]:
             print(f"     Q: {question}\n     A: {answer}  [gold {gold}: {'ok' if ok else 'wrong'}]")
-    _done(t0, f"chat with it: minimind chat --load_from {ckpt} (after the chat issue lands)")
+    print(f"   chat with it:  minimind chat --load_from {ckpt}")
+    print(f"   serve it:      minimind serve --load_from {ckpt}   (OpenAI API on 127.0.0.1:8998)")
+    _done(t0, f"in a browser:  minimind web --load_from {ckpt}")
     return result
 
 

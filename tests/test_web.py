@@ -26,7 +26,7 @@ from minimind.infer.chat import prompt_ids, split_reasoning, stop_ids
 from minimind.infer.load import load_model
 from minimind.serve import web
 from minimind.serve.openai_api import create_app
-from tests.test_serve import ANSWER, KEY, REASONING, Server, train_checkpoint
+from tests.serve_fixtures import ANSWER, KEY, REASONING, Server, train_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACT = Path(__file__).parent / "artifacts" / "web_demo.png"
