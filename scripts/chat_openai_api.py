@@ -57,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_tokens", type=int, default=None)
     p.add_argument("--historys", type=int, default=0, help="earlier messages sent back")
     args = p.parse_args(argv)
+    try:
+        return chat(args)
+    except openai.APIConnectionError:
+        print(
+            f"chat: error: no server answers at {args.base_url}; start one with "
+            "`python scripts/serve_openai_api.py` (or `minimind serve`), or pass --base_url",
+            file=sys.stderr,
+        )
+    except openai.APIStatusError as e:
+        print(f"chat: error: the server answered {e.status_code}: {e.message}", file=sys.stderr)
+    return 1
+
+
+def chat(args: argparse.Namespace) -> int:
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     args.model = args.model or client.models.list().data[0].id
     if args.question:

@@ -384,3 +384,18 @@ def test_scripts_serve_and_chat(ckpt, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_chat_script_without_a_server_says_so():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = REPO / "scripts" / "chat_openai_api.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--base_url", f"http://127.0.0.1:{port}/v1", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "no server answers" in done.stderr and "Traceback" not in done.stderr
