@@ -34,7 +34,9 @@ def run(
     size_mb: float = 3.0,
     vocab_size: int = 2048,
     pretrain_epochs: int = 1,
-    sft_epochs: int = 1,
+    # Measured on 2 CPU cores (2026-11-29): SFT eval loss 3.18 after 1 epoch, 1.10 after 4
+    # (+100 s, the whole demo 3.7 min); 3 pretraining epochs cost 100 s more for little.
+    sft_epochs: int = 4,
     seq_len: int = 256,
     max_steps: int | None = None,
     eval_limit: int | None = None,
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=3.0, help="demo pretrain text size")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--sft-epochs", type=int, default=1)
+    parser.add_argument("--sft-epochs", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=None, help="cap each stage (smoke runs)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
