@@ -41,15 +41,24 @@ REFERENCE = ROOT.parents[1] / "shared" / "reference" / "minimind2"
 TRAIN_TEXTS = 20_000  # texts the benchmark tokenizer learns from (enough for its merges)
 
 
-def ceiling(tokenizer_dir: Path, path: Path) -> float:
-    """MB per CPU-second of the tokenizer's single-thread batch encode of the pretrain texts
-    alone (JSON decoding excluded): the most any preparation can reach per core."""
-    backend = load_tokenizer(tokenizer_dir).backend
+def ceiling(tokenizer_dir: Path, path: Path) -> dict[str, float]:
+    """MB per CPU-second of a single-thread batch encode of the pretrain texts alone (JSON
+    decoding excluded), by the `tokenizers` library and by the fast encoder (tiktoken, when it
+    applies: minimind.tokenizer.fast): the most any preparation can reach per core."""
+    tok = load_tokenizer(tokenizer_dir)
     texts = [r.text for r in RecordReader(path, "pretrain")]
+    mb = path.stat().st_size / 1e6
+    out = {}
     start = time.process_time()
     for k in range(0, len(texts), 1024):
-        backend.encode_batch_fast(texts[k : k + 1024], False)
-    return path.stat().st_size / 1e6 / (time.process_time() - start)
+        tok.backend.encode_batch_fast(texts[k : k + 1024], False)
+    out["tokenizers"] = mb / (time.process_time() - start)
+    if tok.fast is not None:
+        start = time.process_time()
+        for k in range(0, len(texts), 1024):
+            tok.fast.encode_batch(texts[k : k + 1024])
+        out["fast"] = mb / (time.process_time() - start)
+    return out
 
 
 def throughput(path: Path, tokenizer_dir: Path, out: Path, workers: int) -> dict:
@@ -106,8 +115,12 @@ def main() -> None:
                 row = {"tokenizer": name, "kind": kind, "MB": path.stat().st_size / 1e6}
                 for w in sorted({1, args.workers}):
                     row[f"{w} workers"] = throughput(path, tok_dir, tmp / f"{name}_{kind}", w)
+                # the same with `tokenizers` only (the fast encoder switched off)
+                os.environ["MINIMIND_FAST_ENCODER"] = "0"
+                row["1 worker, tokenizers only"] = throughput(path, tok_dir, tmp / "slow", 1)
+                del os.environ["MINIMIND_FAST_ENCODER"]
                 if kind == "pretrain":
-                    row["tokenizer alone MB/cpu-s"] = ceiling(tok_dir, path)
+                    row["encoder alone MB/cpu-s"] = ceiling(tok_dir, path)
                 rows.append(row)
         padding = waste(tmp / "trained_sft", args.max_seq_len, args.batch_size)
 
@@ -129,15 +142,18 @@ def main() -> None:
 
     ws = sorted({1, args.workers})
     head = f"{'tokenizer':<10} {'kind':<9} {'MB':>6}"
-    head += "".join(f" {f'{w}w MB/s':>9} {f'{w}w MB/cpu-s':>12}" for w in ws) + f" {'ceiling':>8}"
+    head += "".join(f" {f'{w}w MB/s':>9} {f'{w}w MB/cpu-s':>12}" for w in ws)
+    head += f" {'1w slow MB/cpu-s':>17} {'enc alone: tokenizers':>22} {'fast':>6}"
     print(head)
     for row in rows:
         line = f"{row['tokenizer']:<10} {row['kind']:<9} {row['MB']:>6.1f}"
         for w in ws:
             r = row[f"{w} workers"]
             line += f" {r['MB/s']:>9.2f} {r['MB/cpu-s']:>12.2f}"
-        cap = row.get("tokenizer alone MB/cpu-s")
-        line += f" {cap:>8.2f}" if cap else f" {'-':>8}"
+        line += f" {row['1 worker, tokenizers only']['MB/cpu-s']:>17.2f}"
+        cap = row.get("encoder alone MB/cpu-s", {})
+        line += f" {cap['tokenizers']:>22.2f}" if cap else f" {'-':>22}"
+        line += f" {cap['fast']:>6.2f}" if "fast" in cap else f" {'-':>6}"
         print(line)
     print(
         f"\nsft padding waste (batch {args.batch_size}, max_seq_len {args.max_seq_len}): "

@@ -1,6 +1,7 @@
 """Tokenizer training and loading, the chat template and SFT loss masks.
 
-The bottom of the package: imports `tokenizers` and nothing from minimind outside itself.
+The bottom of the package: imports `tokenizers` (and `tiktoken`, as a faster encoder for the
+same ids, fast.py) and nothing from minimind outside itself.
 """
 
 from minimind.tokenizer.chat import CHAT_TEMPLATE, encode_chat, render

@@ -16,6 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders
 
+from minimind.tokenizer.fast import FastEncoder, fast_encoder
 from minimind.tokenizer.stream import StreamDecoder, token_bytes
 from minimind.tokenizer.tokens import ENDOFTEXT, IM_END, IM_START
 
@@ -47,6 +48,7 @@ class Tokenizer:
         self.added_tokens = {tok.content: i for i, tok in sorted(added.items())}
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._bytes = token_bytes(backend)
+        self._fast: FastEncoder | bool | None = False  # False: not built yet
 
     def _require(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -61,14 +63,29 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    @property
+    def fast(self) -> FastEncoder | None:
+        """tiktoken's encoder for this vocabulary when it gives exactly our ids (fast.py),
+        built and checked on first use; None when unavailable or when the environment sets
+        MINIMIND_FAST_ENCODER=0."""
+        if self._fast is False:
+            off = os.environ.get("MINIMIND_FAST_ENCODER", "1") == "0"
+            self._fast = None if off else fast_encoder(self.backend)
+        return self._fast
+
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; nothing is added, but special tokens written in the text are
         recognised (MiniMind2's pretraining texts contain literal `<|im_end|>`)."""
+        if self.fast is not None:
+            return self.fast.encode(text)
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts at once, in parallel threads (the Rust encoder without offsets,
-        25-40% faster than `encode_batch`, same ids)."""
+        """`encode` over many texts: tiktoken's encoder when checked equal (fast.py, about 4x
+        faster per core), else the Rust encoder without offsets in parallel threads (25-40%
+        faster than `encode_batch`, same ids)."""
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
         return [
             e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
         ]
