@@ -98,3 +98,19 @@ def test_ids_out_of_merge_order_are_caught_by_the_probe(ours):
     tok = Tokenizer(backend)  # and the Tokenizer falls back to `tokenizers`
     text = " ".join(random.Random(0).choices(corpus(5), k=3))
     assert tok.fast is None and tok.encode(text) == slow_ids(tok, text)
+
+
+def test_chat_ids_and_masks_match_the_slow_path(tok):
+    from minimind.tokenizer import encode_chat
+    from tests.test_tokenizer_chat import conversation
+
+    slow = Tokenizer(tok.backend)
+    slow._fast = None  # `tokenizers` only
+    rng = random.Random(5)
+    for _ in range(300):
+        case = conversation(rng, reasoning=True)
+        # replies that begin with newlines or spaces put token boundaries at the span edges
+        for m in case["messages"]:
+            if m.get("role") == "assistant" and isinstance(m.get("content"), str):
+                m["content"] = rng.choice(["", "\n", "\n\n", " ", "  "]) + m["content"]
+        assert encode_chat(tok, **case) == encode_chat(slow, **case)

@@ -22,6 +22,8 @@ Tokenization and data loading are not here: `encode_chat` takes any `Tokenizer`.
 import json
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 from minimind.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
@@ -282,5 +284,13 @@ def encode_chat(
     token: the assistant targets, see `render_with_spans`). The text is tokenized once, so
     the ids equal `tokenizer.encode(render(...))`; the stage shifts mask and ids itself."""
     text, spans = render_with_spans(messages, tools, add_generation_prompt, enable_thinking)
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    return ids, target_mask(offsets, spans)
+    if tokenizer.fast is None:
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        return ids, target_mask(offsets, spans)
+    # The same rule as target_mask (a token overlapping a span is a target), vectorised.
+    ids = tokenizer.fast.encode(text)
+    starts, ends = tokenizer.char_spans(ids)
+    mask = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        mask |= (ends > lo) & (starts < hi)
+    return ids, mask.astype(np.int64).tolist()

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders
 
@@ -49,6 +50,7 @@ class Tokenizer:
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._bytes = token_bytes(backend)
         self._fast: FastEncoder | bool | None = False  # False: not built yet
+        self._chars: tuple[np.ndarray, np.ndarray] | None = None
 
     def _require(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -91,9 +93,36 @@ class Tokenizer:
         ]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's (start, end) character span in `text`."""
-        encoding = self.backend.encode(text, add_special_tokens=False)
-        return encoding.ids, encoding.offsets
+        """Ids and each token's (start, end) character span in `text`.
+
+        With the fast encoder, spans are counted from the token bytes: a token that starts
+        inside a character (byte-level BPE splits some) starts at that character, and spans
+        keep a token's leading space, which `tokenizers` trims (trim_offsets). The SFT mask
+        (chat.target_mask) is the same either way (tested): assistant spans start after
+        `assistant\n` and end at `<|im_end|>`, where neither difference can fall.
+        """
+        if self.fast is None:
+            encoding = self.backend.encode(text, add_special_tokens=False)
+            return encoding.ids, encoding.offsets
+        ids = self.fast.encode(text)
+        starts, ends = self.char_spans(ids)
+        return ids, list(zip(starts.tolist(), ends.tolist()))
+
+    def char_spans(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) int64 (N,): the character span of each token of a complete text,
+        counted from the token bytes (see encode_with_offsets)."""
+        if self._chars is None:
+            # per id: characters that start in its bytes; 1 if its first byte continues a
+            # character (UTF-8 continuation bytes are 0b10xxxxxx)
+            table = self._bytes
+            chars = [sum(1 for c in raw if c & 0xC0 != 0x80) for raw in table]
+            mid = [int(bool(raw) and raw[0] & 0xC0 == 0x80) for raw in table]
+            self._chars = (np.array(chars, np.int64), np.array(mid, np.int64))
+        chars, mid = self._chars
+        index = np.asarray(ids, dtype=np.int64)
+        ends = np.cumsum(chars[index])
+        starts = np.maximum(ends - chars[index] - mid[index], 0)
+        return starts, ends
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
