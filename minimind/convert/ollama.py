@@ -28,7 +28,7 @@ from pathlib import Path
 
 from minimind.fsutil import atomic_write
 from minimind.model import MiniMindForCausalLM
-from minimind.tokenizer.chat import DEFAULT_SYSTEM_PROMPT
+from minimind.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, TOOLS_FOOTER, TOOLS_HEADER
 from minimind.tokenizer.tokens import ENDOFTEXT, IM_END, IM_START
 
 GGUF_NAME = "model.gguf"
@@ -37,25 +37,15 @@ GGUF_NAME = "model.gguf"
 STOP_TOKENS = (IM_END, ENDOFTEXT, IM_START)
 
 _FIRST_IS_SYSTEM = '(and .Messages (eq (index .Messages 0).Role "system"))'
-_TOOLS_HEADER = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-)
-_TOOLS_FOOTER = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and "
-    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
-)
-
 # Go text/template. `{{-` / `-}}` trim the whitespace beside them, so every newline that is
 # output is written literally. `$last` is Ollama's idiom for "the final message".
 OLLAMA_TEMPLATE = (
     # system block (with the tool listing when tools are given)
     "{{- if .Tools }}<|im_start|>system\n"
     f"{{{{ if {_FIRST_IS_SYSTEM} }}}}{{{{ (index .Messages 0).Content }}}}\n\n{{{{ end }}}}"
-    f"{_TOOLS_HEADER}\n"
+    f"{TOOLS_HEADER}\n"
     "{{- range .Tools }}\n{{ json . }}\n{{- end }}"
-    f"{_TOOLS_FOOTER}"
+    f"{TOOLS_FOOTER}"
     f"{{{{ else if {_FIRST_IS_SYSTEM} }}}}<|im_start|>system\n"
     "{{ (index .Messages 0).Content }}<|im_end|>\n"
     "{{ else }}<|im_start|>system\n"

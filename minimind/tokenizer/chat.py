@@ -107,11 +107,11 @@ CHAT_TEMPLATE = r"""{%- if tools %}
     {%- endif %}
 {%- endif %}"""
 
-_TOOLS_HEADER = (
+TOOLS_HEADER = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
 )
-_TOOLS_FOOTER = (
+TOOLS_FOOTER = (
     "\n</tools>\n\nFor each function call, return a json object with function name and "
     "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
@@ -155,7 +155,7 @@ def _system_block(first: Message, tools: Sequence[dict] | None) -> str:
     if tools:
         system = first["content"] + "\n\n" if is_system else ""
         listing = "".join("\n" + _tojson(tool) for tool in tools)
-        return f"<|im_start|>system\n{system}{_TOOLS_HEADER}{listing}{_TOOLS_FOOTER}"
+        return f"<|im_start|>system\n{system}{TOOLS_HEADER}{listing}{TOOLS_FOOTER}"
     system = first["content"] if is_system else DEFAULT_SYSTEM_PROMPT
     return f"<|im_start|>system\n{system}<|im_end|>\n"
 
