@@ -62,13 +62,7 @@ def scripted_model(tok) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models decode fastest on one thread; on a busy 2-core box two are 50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,7 @@ from minimind.checkpoint import (
 )
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, preset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP start-up costs more than it saves, badly so on a busy 2-core runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed=0, **kw):

@@ -149,7 +149,7 @@ def test_runs_in_the_model_dtype(model):
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory) -> dict[str, MiniMindForCausalLM]:
+def loaded(tmp_path_factory, one_thread) -> dict[str, MiniMindForCausalLM]:
     """One tiny random model (O(1) activations, so greedy tokens vary), written as each kind of
     folder a user may hold and loaded back by the inference loader: our checkpoint, MiniMind2's
     transformers folder (model_type "minimind", dense and MoE), our Llama export.
@@ -176,10 +176,7 @@ def loaded(tmp_path_factory) -> dict[str, MiniMindForCausalLM]:
     save_checkpoint(root / "ours", dense, tokenizer_dir=tok)
     export_hf_folder(dense, root / "llama", tok, torch.float32)
     names = ("MiniMind2", "MiniMind2-MoE", "ours", "llama")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, many are slow on a busy box
-    yield {name: load_model(root / name, tokenizer=tok, device="cpu") for name in names}
-    torch.set_num_threads(n)
+    return {name: load_model(root / name, tokenizer=tok, device="cpu") for name in names}
 
 
 @pytest.mark.parametrize("name", ["MiniMind2", "MiniMind2-MoE", "ours", "llama"])

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from minimind.infer import GenerationConfig, generate
 from minimind.infer.chat import prompt_ids
@@ -40,15 +39,7 @@ from tests.serve_fixtures import (
     train_checkpoint,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from two intra-op threads, and on shared cores their spinning
-    # costs up to 10x (the fixture training: 0.8 s with one thread, 8 s with two under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from minimind.infer import generate
 from minimind.infer.chat import prompt_ids, split_reasoning, stop_ids
@@ -140,15 +139,10 @@ def test_reply_state():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, one_thread) -> Path:
     """test_serve's tiny model, trained in seconds to answer "hello" greedily with
     REASONING (in <think>) then ANSWER: the page's replies are then known exactly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on shared cores: one thread is faster (test_serve)
-    try:
-        return train_checkpoint(tmp_path_factory.mktemp("web"))
-    finally:
-        torch.set_num_threads(threads)
+    return train_checkpoint(tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")
