@@ -21,7 +21,6 @@ from minimind.tokenizer.chat import render
 
 KEY = "sk-test"
 CONTEXT = 4096  # longer than the tiny preset's, so a forced-length row runs long enough to cancel
-REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "hello"}]
 WEATHER = [{"role": "user", "content": "weather in Paris?"}]
 TOOLS = [

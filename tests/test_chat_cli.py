@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,9 +30,9 @@ from minimind.convert import export_hf_folder, save_minimind2_pth
 from minimind.infer.chat import ChatSession, prompt_ids
 from minimind.infer.chat_cli import BUILTIN_PROMPTS, Screen, main, show_reply
 from minimind.tokenizer import load_tokenizer
+from tests import REPO
 from tests.infer_fixtures import make_tokenizer, tiny_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256
 REPLY = "[thinking]\nThink\n[/thinking]\n🧠: Yes\n"
 SPEED = re.compile(
@@ -107,7 +106,7 @@ def script(files, tmp_path, *argv: str, stdin: str | None = None):
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     env["OMP_NUM_THREADS"] = "1"  # see one_thread
     return subprocess.run(
-        [sys.executable, str(ROOT / "eval_llm.py"), "--load_from", str(files["ckpt"]), *argv],
+        [sys.executable, str(REPO / "eval_llm.py"), "--load_from", str(files["ckpt"]), *argv],
         input=stdin or "", capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
 

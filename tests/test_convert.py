@@ -30,10 +30,10 @@ from minimind.convert import (
 )
 from minimind.convert.cli import main as convert_main
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, preset
+from tests import REPO
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 # YaRN past its original context (32 tokens; sequences up to 100). theta 1e4 makes the ramp
 # between the correction bounds fractional at head_dim 16.
@@ -508,7 +508,7 @@ def test_cli_pth_to_hf_and_back(tmp_path, capsys):
 
 def test_script_is_a_thin_wrapper():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_model.py"), "--help"],
+        [sys.executable, str(REPO / "scripts/convert_model.py"), "--help"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert (

@@ -32,8 +32,8 @@ from minimind.data.shards import Shards
 from minimind.data.texts import iter_texts
 from minimind.tokenizer import encode_chat, load_tokenizer, render, train_tokenizer
 from minimind.tokenizer.tokenizer import Tokenizer
+from tests import REFERENCE
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind2"
 SMALL = {"shard_tokens": 4000, "chunk_lines": 64}  # several chunks per shard, several shards
 
 

@@ -35,12 +35,12 @@ from safetensors.torch import load_file
 from minimind.checkpoint import load_checkpoint, load_trainer_state, read_meta
 from minimind.data.sampler import epoch_order
 from minimind.train.stages.pretrain import PretrainStage
+from tests import REPO
 from tests.dist_worker import MAX_EVAL, SEED, SEQ, run_job
 from tests.train_fixtures import make_data
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).parent / "dist_worker.py"
 STEPS, STOP = 4, 2  # optimizer steps per run; an interrupted run stops after STOP
 GLOBAL = 8  # samples per optimizer step, however they are split

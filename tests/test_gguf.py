@@ -41,11 +41,10 @@ from minimind.model import MiniMindForCausalLM, preset
 from minimind.model.layers import apply_rotary, rope_inv_freq
 from minimind.tokenizer import load_tokenizer, train_tokenizer
 from minimind.tokenizer.chat import CHAT_TEMPLATE, render
+from tests import REFERENCE, REPO
 
 gguf = pytest.importorskip("gguf")
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference" / "minimind2"
 YARN = dict(
     rope_theta=1e4,
     max_position_embeddings=256,
@@ -462,7 +461,7 @@ def test_export_commands(tok_dir, tmp_path, capsys):
 
 def test_script_help_lists_gguf():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_model.py"), "--help"],
+        [sys.executable, str(REPO / "scripts/convert_model.py"), "--help"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "gguf" in out.stdout and "q8_0" in out.stdout

@@ -25,6 +25,7 @@ from minimind.infer import GenerationConfig, generate
 from minimind.infer.chat import prompt_ids
 from minimind.infer.load import load_model
 from minimind.serve.openai_api import create_app
+from tests import REPO
 from tests.serve_fixtures import (
     ANSWER,
     CONTEXT,
@@ -32,7 +33,6 @@ from tests.serve_fixtures import (
     KEY,
     REASONING,
     REPLIES,
-    REPO,
     TOOLS,
     WEATHER,
     Server,

@@ -6,7 +6,6 @@ import random
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import tokenizers
@@ -15,9 +14,8 @@ from hypothesis import strategies as st
 
 from minimind.tokenizer import Tokenizer, compression, load_tokenizer, train_tokenizer
 from minimind.tokenizer.tokens import IM_END, SPECIAL_TOKENS, TAG_TOKENS
+from tests import REFERENCE, REPO
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind2"
-REPO = Path(__file__).resolve().parents[1]
 WORDS = [
     "the",
     " quick",

@@ -3,16 +3,15 @@ templates, for our trained tokenizer and for the MiniMind2 reference tokenizer."
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from minimind.tokenizer import CHAT_TEMPLATE, encode_chat, load_tokenizer, render, train_tokenizer
 from minimind.tokenizer.chat import render_with_spans
+from tests import REFERENCE
 
 transformers = pytest.importorskip("transformers")
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind2"
 N_CONVERSATIONS = 300
 
 PIECES = [

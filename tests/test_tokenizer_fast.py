@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from minimind.tokenizer import Tokenizer, load_tokenizer
 from minimind.tokenizer.fast import MAX_ADDED, fast_encoder, probe_texts
-from tests.test_tokenizer import REFERENCE, corpus
+from tests import REFERENCE
+from tests.test_tokenizer import corpus
 
 pytest.importorskip("tiktoken")
 
