@@ -21,7 +21,8 @@ which put token boundaries everywhere) and returns None on any difference. On to
 compare both encoders on random text for our tokenizer and MiniMind2's (no difference seen in
 31,000 texts of the demo corpus and random strings).
 
-Offsets (`encode_with_offsets`, for chat loss masks) stay with `tokenizers`.
+Chat encoding takes its token offsets from the byte table (Tokenizer.char_spans);
+`Tokenizer.encode_with_offsets` stays with `tokenizers`.
 """
 
 from __future__ import annotations

@@ -93,24 +93,19 @@ class Tokenizer:
         ]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's (start, end) character span in `text`.
-
-        With the fast encoder, spans are counted from the token bytes: a token that starts
-        inside a character (byte-level BPE splits some) starts at that character, and spans
-        keep a token's leading space, which `tokenizers` trims (trim_offsets). The SFT mask
-        (chat.target_mask) is the same either way (tested): assistant spans start after
-        `assistant\n` and end at `<|im_end|>`, where neither difference can fall.
-        """
-        if self.fast is None:
-            encoding = self.backend.encode(text, add_special_tokens=False)
-            return encoding.ids, encoding.offsets
-        ids = self.fast.encode(text)
-        starts, ends = self.char_spans(ids)
-        return ids, list(zip(starts.tolist(), ends.tolist()))
+        """Ids and each token's (start, end) character span in `text`, from `tokenizers`."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def char_spans(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) int64 (N,): the character span of each token of a complete text,
-        counted from the token bytes (see encode_with_offsets)."""
+        counted from the token bytes (the fast path's offsets, chat.encode_chat).
+
+        A token that starts inside a character (byte-level BPE splits some) starts at that
+        character, and spans keep a token's leading space, which `tokenizers`' offsets trim
+        (trim_offsets). The SFT mask is the same either way (tested): assistant spans start
+        after `assistant\n` and end at `<|im_end|>`, where neither difference can fall.
+        """
         if self._chars is None:
             # per id: characters that start in its bytes; 1 if its first byte continues a
             # character (UTF-8 continuation bytes are 0b10xxxxxx)
