@@ -71,15 +71,18 @@ def find_weight(spec: str | os.PathLike, hidden_size: int, use_moe: bool, save_d
     A name resolves MiniMind's way: `{save_dir}/{name}_{hidden}[_moe]` (our folder, preferred)
     or the `.pth` of that name. FileNotFoundError lists what was tried.
     """
-    direct = Path(spec)
-    if direct.exists():
-        return direct
     stem = f"{spec}_{hidden_size}{'_moe' if use_moe else ''}"
-    candidates = [save_dir / stem, save_dir / f"{stem}.pth"]
-    for c in candidates:
+    return _first_existing(spec, [save_dir / stem, save_dir / f"{stem}.pth"], "weights")
+
+
+def _first_existing(spec: str | os.PathLike, candidates: list[Path], what: str) -> Path:
+    """`spec` itself when it is a path that exists, else the first candidate that exists."""
+    for c in [Path(spec), *candidates]:
         if c.exists():
             return c
-    raise FileNotFoundError(f"no weights named {spec!r}: none of {', '.join(map(str, candidates))}")
+    raise FileNotFoundError(
+        f"no {what} named {str(spec)!r}: none of {', '.join(map(str, candidates))}"
+    )
 
 
 def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None) -> Tokenizer:
@@ -218,16 +221,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _find_lora(spec: str, hidden: int, save_dir: Path) -> Path:
-    direct = Path(spec)
-    if direct.exists():
-        return direct
     candidates = [save_dir / f"{spec}_{hidden}", save_dir / "lora" / f"{spec}_{hidden}.pth"]
-    for c in candidates:
-        if c.exists():
-            return c
-    raise FileNotFoundError(
-        f"no LoRA adapter named {spec!r}: none of {', '.join(map(str, candidates))}"
-    )
+    return _first_existing(spec, candidates, "LoRA adapter")
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
