@@ -295,6 +295,10 @@ def test_ddp_without_find_unused_parameters(tmp_path):
         for step in range(3):
             out = ddp(IDS[:1, step : step + 1])
             (out.logits.float().mean() + out.aux_loss).backward()
+        # Free DDP (its Reducer holds the process group) while the group is still up: freed
+        # after destroy_process_group, the Reducer drops the group's last reference and gloo's
+        # destructor joined its threads forever once in CI (a hang no timeout can interrupt).
+        del ddp, out
     finally:
         dist.destroy_process_group()
     assert all(p.grad is not None for p in lora_parameters(model))
