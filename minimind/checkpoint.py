@@ -622,6 +622,8 @@ def _read(path: str | os.PathLike[str], read: Callable[[Path], Any]) -> Any:
     for _ in range(_READ_ATTEMPTS):
         folder = resolve_checkpoint(path)
         before = _identity(folder)
+        if before is None:  # renamed away between resolve and stat: resolve again
+            continue
         try:
             result = read(folder)
         except (CheckpointError, FileNotFoundError) as e:
