@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, ModelConfig, preset
-from minimind.model.layers import rope_inv_freq
+from minimind.model.layers import InputGroup, rope_inv_freq
 from minimind.model.moe import MoEFeedForward
 
 
@@ -236,6 +236,77 @@ def test_model_package_imports_only_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def groups(model):
+    return [m for m in model.modules() if isinstance(m, InputGroup)]
+
+
+def unfused_logits(model, ids):
+    """Logits with every group run as separate Linears (the reference for the fused paths)."""
+    saved = [g._fused_weight for g in groups(model)]
+    for g in groups(model):
+        g._fused_weight = None
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for g, w in zip(groups(model), saved, strict=True):
+            g._fused_weight = w
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_moe=True, n_shared_experts=1)])
+def test_fused_projections_are_views_and_keep_names_and_results(kw, tmp_path):
+    from minimind.checkpoint import load_checkpoint, save_checkpoint
+
+    model = make(**kw)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits  # never fused: separate Linears
+    assert not any(g.fused_intact() for g in groups(model))
+    names = list(model.state_dict())
+    model.new_cache(2, 16)  # decoding starts: fused
+    assert all(g.fused_intact() for g in groups(model))
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == (
+        attn.v_proj.weight.untyped_storage().data_ptr()
+    )
+    assert list(model.state_dict()) == names
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+    save_checkpoint(tmp_path / "ck", model)  # safetensors refuses shared storage unless copied
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projections_follow_fused_adamw_and_survive_to():
+    model = make().train()
+    model.fuse_projections()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 512, (2, 9))
+    model(ids).logits.pow(2).mean().backward()  # autograd on: concatenated weights
+    opt.step()  # in place through the views, without bumping version counters
+    model.eval()
+    assert all(g.fused_intact() for g in groups(model))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids).logits, unfused_logits(model, ids), atol=1e-5, rtol=1e-5
+        )
+    model.to(torch.float64)  # new storage: fused again, in the new dtype
+    assert all(g.fused_intact() and g._fused_weight.dtype == torch.float64 for g in groups(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, unfused_logits(model, ids))
+
+
+def test_broken_views_fall_back_to_separate_projections():
+    model, other = make(seed=0), make(seed=1)
+    model.fuse_projections()
+    ids = torch.randint(0, 512, (2, 9))
+    model.load_state_dict(other.state_dict(), assign=True)  # replaces the parameters
+    assert not any(g.fused_intact() for g in groups(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits)
 
 
 def test_fused_qkv_training_path_equals_separate_projections_after_fused_adamw():

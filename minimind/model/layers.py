@@ -121,8 +121,100 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-class Attention(nn.Module):
+class InputGroup(nn.Module):
+    """Base of a module whose bias-free Linears named in GROUP read the same input (q/k/v;
+    gate/up): `project(x)` runs them as ONE matmul where that is safe, else one by one.
+
+    Why: one (C, sum of outputs) GEMM is faster than several thin ones (k/v are only K*D = 128
+    wide), on CPU both in training and in batch-1 decoding, where each GEMV call has its own
+    fixed cost. Measured on the 2-core CPU (A/B in one process, compiled greedy decode of
+    minimind2-small, best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
+
+    - Autograd on (training): the weights are concatenated per call. The copy is small next to
+      the GEMM, and the gradients reach each parameter, so names, optimizers and LoRA see the
+      usual separate parameters.
+    - Autograd off (decoding, evaluation), after `fuse()`: the parameters are views into one
+      buffer, which is then the concatenated weight itself: no copy, and never stale, since
+      every in-place update (optimizer steps, fused AdamW included, which does not bump version
+      counters; load_state_dict) writes through the views. Anything that replaces a parameter's
+      storage (`.to()`, `load_state_dict(assign=True)`, LoRA wrapping, FSDP) breaks the views;
+      `fused_intact()` notices (data pointers) and the Linears run one by one until `fuse()`
+      is called again. MiniMindForCausalLM fuses lazily, when a KV cache is made for decoding,
+      and again after `.to()` once fused, so training alone never changes parameter storage.
+    - Under torch.compile, data pointers cannot be checked in the graph: the fused buffer is
+      used only when the caller passes `trusted=True` right after `fuse()` (decode_static).
+    """
+
+    GROUP: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fused_weight: torch.Tensor | None = None  # plain attribute: not in state_dict
+
+    def _linears(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.GROUP]
+
+    def _plain(self, linears: list[nn.Module]) -> bool:
+        return all(type(lin) is nn.Linear and lin.bias is None for lin in linears)
+
+    def fused_intact(self) -> bool:
+        """True when every weight of the group is still its slice of the fused buffer."""
+        base = self._fused_weight
+        linears = self._linears()
+        if base is None or not self._plain(linears):
+            return False
+        try:
+            ptr, row = base.data_ptr(), base.element_size() * base.shape[1]
+            for lin in linears:
+                w = lin.weight
+                if w.data_ptr() != ptr or w.dtype != base.dtype or w.device != base.device:
+                    return False
+                ptr += w.shape[0] * row
+        except RuntimeError:  # a tensor subclass without storage (DTensor under FSDP)
+            return False
+        return True
+
+    def fuse(self) -> bool:
+        """Make the group's weights views of one (sum of outputs, C) buffer; -> fused or not."""
+        if self.fused_intact():
+            return True
+        self._fused_weight = None
+        linears = self._linears()
+        if not self._plain(linears):
+            return False
+        weights = [lin.weight for lin in linears]
+        if type(weights[0].data) is not torch.Tensor or weights[0].is_meta:
+            return False
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            return False
+        base = torch.cat([w.detach() for w in weights])
+        start = 0
+        for w in weights:
+            w.data = base[start : start + w.shape[0]]
+            start += w.shape[0]
+        self._fused_weight = base
+        return True
+
+    def project(self, x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, ...]:
+        """x (..., C) -> each Linear's output (..., out_i), in GROUP order."""
+        linears = self._linears()
+        if not self._plain(linears):
+            return tuple(lin(x) for lin in linears)
+        sizes = [lin.out_features for lin in linears]
+        if torch.is_grad_enabled():
+            return F.linear(x, torch.cat([lin.weight for lin in linears])).split(sizes, dim=-1)
+        base = self._fused_weight
+        if base is not None and (
+            trusted or (not torch.compiler.is_compiling() and self.fused_intact())
+        ):
+            return F.linear(x, base).split(sizes, dim=-1)
+        return tuple(lin(x) for lin in linears)
+
+
+class Attention(InputGroup):
     """Grouped-query causal self-attention through F.scaled_dot_product_attention."""
+
+    GROUP = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -140,24 +232,6 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self._split = (self.n_heads * d, self.n_kv * d, self.n_kv * d)
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q (B, T, H*D), k and v (B, T, K*D).
-
-        With autograd on (training), ONE matmul over the concatenated weights: a (C, (H + 2K)*D)
-        GEMM runs about twice as fast on CPU as three thin ones (k/v are only K*D = 128 wide),
-        and the parameters stay separate, so state dicts keep MiniMind2's names. Without
-        autograd (decoding: memory-bound, one token) the three projections run as they are:
-        concatenating would copy the weights every step, and a cached copy could go stale
-        (fused AdamW updates weights without bumping their version counters). A LoRA-wrapped
-        projection always takes the three calls.
-        """
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if torch.is_grad_enabled() and all(type(p) is nn.Linear for p in projs):
-            fused = torch.cat([p.weight for p in projs])
-            return F.linear(x, fused).split(self._split, dim=-1)
-        return tuple(p(x) for p in projs)
 
     def forward(
         self,
@@ -166,10 +240,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: LayerCache | None = None,
+        trusted: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend."""
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend;
+        trusted: see InputGroup.project."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self.project(x, trusted)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim)
@@ -198,8 +274,10 @@ class Attention(nn.Module):
         return self.resid_dropout(self.o_proj(y))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(InputGroup):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6): the dense MLP and each expert."""
+
+    GROUP = ("gate_proj", "up_proj")
 
     def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
         super().__init__()
@@ -208,5 +286,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+    def forward(self, x: torch.Tensor, trusted: bool = False) -> torch.Tensor:
+        gate, up = self.project(x, trusted)
+        return self.dropout(self.down_proj(F.silu(gate) * up))

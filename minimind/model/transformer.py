@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache, LayerCache, StaticKVCache
 from .config import ModelConfig
-from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import Attention, InputGroup, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEFeedForward
 
 
@@ -49,13 +49,14 @@ class Block(nn.Module):
             else SwiGLU(config.hidden_size, config.intermediate_size, config.dropout)
         )
 
-    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None, trusted: bool = False):
+        """trusted: the fused projections were just validated (layers.InputGroup.project)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, trusted)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEFeedForward):
             y, aux = self.mlp(h)
         else:
-            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+            y, aux = self.mlp(h, trusted), x.new_zeros((), dtype=torch.float32)
         return x + y, aux
 
 
@@ -100,7 +101,9 @@ class MiniMindModel(nn.Module):
         mask = ((k_idx <= q_idx) & key_valid[:, None, None, :]) | (k_idx == q_idx)
         return cos, sin, mask  # (B, 1, T, S)
 
-    def _blocks(self, x, cos, sin, mask, layer_caches) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(
+        self, x, cos, sin, mask, layer_caches, trusted: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) through every block -> (x, summed aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
@@ -108,7 +111,7 @@ class MiniMindModel(nn.Module):
             if self.gradient_checkpointing and self.training and layer_caches is None:
                 x, a = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x, a = layer(x, cos, sin, mask, layer_cache)
+                x, a = layer(x, cos, sin, mask, layer_cache, trusted)
             aux = aux + a
         return x, aux
 
@@ -128,11 +131,14 @@ class MiniMindModel(nn.Module):
         """One fixed-shape decode step: input_ids (B, 1) -> final hidden (B, 1, C).
 
         Reads and writes only tensors (no python int that changes, no host sync), so a
-        compiled copy is captured once; the rotary table must already cover `cache.max_len`.
+        compiled copy is captured once; the rotary table must already cover `cache.max_len`,
+        and the projections must be fused (both done by MiniMindForCausalLM.new_cache).
         """
         positions, mask = cache.step_reserve()  # (B, 1), (B, 1, 1, max_len)
         cos, sin = self.rotary.lookup(positions)
-        x, _ = self._blocks(self.embed_tokens(input_ids), cos, sin, mask, cache.slot_layers)
+        x, _ = self._blocks(
+            self.embed_tokens(input_ids), cos, sin, mask, cache.slot_layers, trusted=True
+        )
         cache.step_advance()
         return self.norm(x)
 
@@ -189,12 +195,31 @@ class MiniMindForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         static: bool = False,
     ):
-        """A KV cache for this model; static=True gives a StaticKVCache for decode_step."""
+        """A KV cache for this model; static=True gives a StaticKVCache for decode_step.
+
+        Decoding is about to start, so the input-sharing projections are fused here (see
+        layers.InputGroup; a no-op when they already are)."""
+        self.fuse_projections()
         cls = StaticKVCache if static else KVCache
         cache = cls.for_model(self, batch_size, max_len, dtype)
         if static:
             self.model.rotary.ensure(max_len, cache.valid.device)
         return cache
+
+    def fuse_projections(self) -> None:
+        """Make each q/k/v and gate/up group's weights views of one buffer (layers.InputGroup),
+        where possible; no-grad forwards then run each group as one matmul."""
+        self._fused = True
+        for module in self.modules():
+            if isinstance(module, InputGroup):
+                module.fuse()
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/... give the parameters new storage: fuse again if fused before.
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return out
 
     def set_rope_scaling(self, scaling: dict[str, Any] | None) -> None:
         """Switch YaRN on (e.g. config.MINIMIND2_YARN) or off at inference time."""
