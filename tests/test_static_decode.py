@@ -136,3 +136,17 @@ def test_generate_compiled_equals_eager():
     assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
     sampled = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)
     assert generate(model, PROMPTS, **sampled, compile=True) == generate(model, PROMPTS, **sampled)
+
+
+@pytest.mark.slow
+def test_compiled_generate_calls_with_other_shapes_stay_exact():
+    """Later steps of a compiled call skip guard evaluation (steps.py): calls alternating
+    between batch sizes and capacities, i.e. between cached graphs, must still each pick
+    their own graph."""
+    from minimind.infer import generate
+
+    model = wide_model().eval()
+    cases = [(PROMPTS[:1], 8), (PROMPTS, 8), (PROMPTS[:1], 80), (PROMPTS[:1], 8), (PROMPTS, 8)]
+    for prompts, n in cases:
+        kw = dict(max_new_tokens=n, temperature=0, stop_token_ids=())
+        assert generate(model, prompts, **kw, compile=True) == generate(model, prompts, **kw)
