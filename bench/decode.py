@@ -10,10 +10,15 @@ For each preset (default `demo` and `minimind2-small`, random weights, seed 0, f
    minimind.convert.gguf as f32 and as f16, decoded by `Llama.generate` with llama.cpp's
    greedy sampler, stopped after n tokens (no eos stop), with llama.cpp's default f16 KV cache.
 
-OMP_WAIT_POLICY defaults to PASSIVE (see below). Every side gets the same random prompt (ids from 3 up) and the same number of threads (one per
-core). A timed call covers prefill plus all new tokens. Sides take turns call by call, so load
-from other processes hits all alike, and the best of the repeats is reported (load only ever
-adds time); the median is kept in the JSON. Greedy tokens are compared with ours (random
+Every side gets the same random prompt (ids from 3 up) and the same number of threads (one per
+core). A timed call covers prefill plus all new tokens. The PyTorch sides (1, 2) take turns call
+by call in this process, so load from other processes hits them alike; llama.cpp runs right
+after, in a child process of its own (this script with --llamacpp-worker): torch and llama.cpp
+each bring an OpenMP runtime, and in one process their spinning threads steal each other's
+cores (measured here: llama.cpp 1,900 -> 36 tokens/s after a torch call), while making both
+wait passively (OMP_WAIT_POLICY=PASSIVE, what this benchmark did before) slows every small
+kernel launch of the torch sides (demo compiled 813 -> 694 tokens/s). The best of the repeats
+is reported (load only ever adds time); the median is kept in the JSON. Greedy tokens are compared with ours (random
 weights give near-uniform logits, so a near-tie may flip a token between implementations; the
 count of identical leading tokens is reported). Prints a table and writes JSON (default
 bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
@@ -28,16 +33,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-# torch (its bundled libgomp) and llama.cpp (the system libgomp) each bring an OpenMP runtime;
-# with both spin-waiting in one process on a small machine, each side's idle threads steal the
-# cores the other is computing on (measured here: llama.cpp 1,900 -> 36 tokens/s after a torch
-# call). Passive waiting stops that; set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--no-compile", action="store_true", help="skip the compiled side (generate(compile=True))")
     arg("--quick", action="store_true", help="tiny preset, 8 + 8 tokens, 1 repeat: a smoke run")
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
+    arg("--llamacpp-worker", type=Path, help=argparse.SUPPRESS)  # a GGUF: the child process
     args = p.parse_args(argv)
     if args.quick:
         args.presets, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], 8, 8, 1
@@ -76,12 +77,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def llama_cpp_module():
-    try:
-        import llama_cpp
-    except ImportError:
+def llama_cpp_version() -> str | None:
+    """llama-cpp-python's version when installed (not imported here: see the docstring)."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    if find_spec("llama_cpp") is None:
         return None
-    return llama_cpp
+    return metadata.version("llama_cpp_python")
 
 
 # --- the sides -------------------------------------------------------------------------------
@@ -124,7 +127,22 @@ def hf_fn(hf, prompt: list[int], n: int, cfg, out: dict):
     return run
 
 
-def llamacpp_fn(llm, prompt: list[int], n: int, name: str, out: dict):
+def llamacpp_worker(args) -> None:
+    """The child process: time llama.cpp on one GGUF; job JSON on stdin, result on stdout."""
+    import llama_cpp
+
+    job = json.loads(sys.stdin.read())
+    prompt, n = job["prompt"], job["n"]
+    llm = llama_cpp.Llama(
+        str(args.llamacpp_worker),
+        n_ctx=len(prompt) + n + 16,
+        n_batch=max(len(prompt), 32),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
+    out: dict[str, list[int]] = {}
+
     def run() -> None:
         # reset() first: generate() would otherwise reuse the KV cache of the previous call's
         # identical prompt and skip the prefill.
@@ -134,9 +152,21 @@ def llamacpp_fn(llm, prompt: list[int], n: int, name: str, out: dict):
             tokens.append(int(token))
             if len(tokens) == n:  # as ours: prefill + n - 1 decode steps, no eos stop
                 break
-        out[name] = tokens
+        out["tokens"] = tokens
 
-    return run
+    times = alternate({"llama.cpp": run}, 1, job["repeats"], "cpu")["llama.cpp"]
+    print(json.dumps({"times": times, "tokens": out["tokens"]}))
+
+
+def run_llamacpp(path: Path, prompt: list[int], n: int, args) -> tuple[list[float], list[int]]:
+    """-> (seconds per call, tokens) of llama.cpp on `path`, from a child process."""
+    job = json.dumps({"prompt": prompt, "n": n, "repeats": args.repeats})
+    cmd = [sys.executable, __file__, "--llamacpp-worker", str(path), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, input=job, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama.cpp worker on {path} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["times"], result["tokens"]
 
 
 def export_ggufs(model: MiniMindForCausalLM, folder: Path) -> dict[str, Path]:
@@ -162,7 +192,7 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
-def bench_preset(name: str, args, llama_cpp) -> dict:
+def bench_preset(name: str, args, llama_cpp: str | None) -> dict:
     cfg = preset(name)
     if cfg.use_moe or cfg.qk_norm or cfg.rope_scaling:
         raise SystemExit(f"--presets {name}: the transformers twin here is Llama (dense only)")
@@ -176,25 +206,14 @@ def bench_preset(name: str, args, llama_cpp) -> dict:
     fns = {"ours": ours_fn(model, prompt, n, out), "hf": hf_fn(hf, prompt, n, cfg, out)}
     if not args.no_compile:  # the warm-up call compiles (not timed)
         fns["ours compiled"] = ours_fn(model, prompt, n, out, compile=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        llms = {}
-        if llama_cpp is not None:
+    t0 = time.perf_counter()
+    times = alternate(fns, 1, args.repeats, "cpu")
+    if llama_cpp is not None:
+        with tempfile.TemporaryDirectory() as tmp:
             for dtype, path in export_ggufs(model, Path(tmp)).items():
-                llms[dtype] = llama_cpp.Llama(
-                    str(path),
-                    n_ctx=args.prompt_len + n + 16,
-                    n_batch=max(args.prompt_len, 32),
-                    n_threads=args.threads,
-                    n_threads_batch=args.threads,
-                    verbose=False,
-                )
-                fns[f"llama.cpp {dtype}"] = llamacpp_fn(
-                    llms[dtype], prompt, n, f"llama.cpp {dtype}", out
-                )
-        t0 = time.perf_counter()
-        times = alternate(fns, 1, args.repeats, "cpu")
-        wall = time.perf_counter() - t0
-        del llms
+                side = f"llama.cpp {dtype}"
+                times[side], out[side] = run_llamacpp(path, prompt, n, args)
+    wall = time.perf_counter() - t0
     sides = {
         side: {
             "tokens_per_s": n / min(t),
@@ -217,7 +236,7 @@ def bench_preset(name: str, args, llama_cpp) -> dict:
 # --- report ----------------------------------------------------------------------------------
 
 
-def meta(args, llama_cpp) -> dict:
+def meta(args, llama_cpp: str | None) -> dict:
     import transformers
 
     return {
@@ -227,13 +246,14 @@ def meta(args, llama_cpp) -> dict:
         "loadavg_start": os.getloadavg(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "llama_cpp_python": getattr(llama_cpp, "__version__", None),
+        "llama_cpp_python": llama_cpp,
         "python": platform.python_version(),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "batch": 1,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "llamacpp": "own child process, after the torch sides",
         "weights": "random (seed 0), fp32; GGUF f32 and f16; llama.cpp KV cache f16 (default)",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
@@ -274,15 +294,18 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.llamacpp_worker:
+        llamacpp_worker(args)
+        return None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    llama_cpp = None if args.skip_llamacpp else llama_cpp_module()
+    llama_cpp = None if args.skip_llamacpp else llama_cpp_version()
     if llama_cpp is None and not args.skip_llamacpp:
-        print("llama_cpp is not importable: llama.cpp columns skipped", file=sys.stderr)
+        print("llama-cpp-python is not installed: llama.cpp columns skipped", file=sys.stderr)
     report = {"meta": meta(args, llama_cpp), "presets": {}}
     for name in args.presets:
         report["presets"][name] = bench_preset(name, args, llama_cpp)

@@ -1,4 +1,5 @@
-"""bench/model.py runs end to end at toy size and writes the JSON it promises (no speeds checked)."""
+"""bench/model.py and bench/decode.py run end to end at toy size and write the JSON they promise
+(no speeds checked)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,22 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     # Same weights, both greedy: the two implementations agree token for token.
     assert report["decode"]["batch1"]["same_tokens_rows"] == 1.0
     assert "ours/HF" in proc.stdout
+
+
+def test_quick_decode_benchmark_writes_its_report(tmp_path):
+    """bench/decode.py at toy size; the llama.cpp sides (own child processes) when installed."""
+    from importlib.util import find_spec
+
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, str(BENCH.with_name("decode.py")), "--quick", "--no-compile"]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sides = json.loads(out.read_text())["presets"]["tiny"]["sides"]
+    expected = {"ours", "hf"}
+    if find_spec("llama_cpp") is not None:
+        expected |= {"llama.cpp f32", "llama.cpp f16"}
+    assert set(sides) == expected
+    # Same weights, greedy, fp32: transformers (and llama.cpp on the f32 export) agree with ours.
+    assert sides["hf"]["same_leading_tokens_as_ours"] == 8
+    if "llama.cpp f32" in sides:
+        assert sides["llama.cpp f32"]["same_leading_tokens_as_ours"] == 8
