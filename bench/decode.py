@@ -5,7 +5,9 @@ For each preset (default `demo` and `minimind2-small`, random weights, seed 0, f
 1. ours: `minimind.infer.generate(model, [prompt], temperature=0)` with min_new_tokens = max_new
    tokens, so it never stops early on eos;
 2. transformers: `generate(do_sample=False, min_new_tokens=n)` on the twin that our exporter
-   builds (`llama_twin` from bench/model.py: minimind.convert.hf's mapping, SDPA attention);
+   builds (`llama_twin` from bench/model.py: minimind.convert.hf's mapping, SDPA attention),
+   with its default cache ("hf"), and with its compiled recipe, the static cache and a
+   torch.compile'd forward ("hf compiled", on a second twin; skipped with --no-compile);
 3. llama.cpp (when llama_cpp, from llama-cpp-python, is importable): the model exported by
    minimind.convert.gguf as f32 and as f16, decoded by `Llama.generate` with llama.cpp's
    greedy sampler, stopped after n tokens (no eos stop), with llama.cpp's default f16 KV cache.
@@ -43,7 +45,7 @@ import torch
 
 # bench/model.py, beside this file (a script's folder is on sys.path): its transformers twin,
 # turn-taking timer and machine name are reused as they are.
-from model import alternate, device_name, llama_twin
+from model import alternate, compile_hf, device_name, hf_generate, llama_twin
 
 from minimind.infer import generate
 from minimind.model import MiniMindForCausalLM, preset
@@ -108,21 +110,12 @@ def ours_fn(model: MiniMindForCausalLM, prompt: list[int], n: int, out: dict, co
     return run
 
 
-def hf_fn(hf, prompt: list[int], n: int, cfg, out: dict):
+def hf_fn(hf, prompt: list[int], n: int, cfg, out: dict, static: bool = False):
     ids = torch.tensor([prompt])
+    side = "hf compiled" if static else "hf"
 
-    @torch.inference_mode()
     def run() -> None:
-        seq = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            pad_token_id=cfg.pad_token_id,
-            eos_token_id=cfg.eos_token_id,
-        )
-        out["hf"] = seq[0, ids.shape[1] :].tolist()
+        out[side] = hf_generate(hf, ids, n, cfg, static=static)[0]
 
     return run
 
@@ -206,6 +199,9 @@ def bench_preset(name: str, args, llama_cpp: str | None) -> dict:
     fns = {"ours": ours_fn(model, prompt, n, out), "hf": hf_fn(hf, prompt, n, cfg, out)}
     if not args.no_compile:  # the warm-up call compiles (not timed)
         fns["ours compiled"] = ours_fn(model, prompt, n, out, compile=True)
+        hf_compiled = llama_twin(model)
+        compile_hf(hf_compiled)
+        fns["hf compiled"] = hf_fn(hf_compiled, prompt, n, cfg, out, static=True)
     t0 = time.perf_counter()
     times = alternate(fns, 1, args.repeats, "cpu")
     if llama_cpp is not None:
@@ -223,12 +219,12 @@ def bench_preset(name: str, args, llama_cpp: str | None) -> dict:
         }
         for side, t in times.items()
     }
-    ours = sides["ours"]["tokens_per_s"]
-    ratios = {f"ours/{s}": ours / v["tokens_per_s"] for s, v in sides.items() if s != "ours"}
-    if "ours compiled" in sides:
-        ratios["ours compiled/hf"] = (
-            sides["ours compiled"]["tokens_per_s"] / sides["hf"]["tokens_per_s"]
-        )
+    ratios = {
+        f"{a}/{b}": sides[a]["tokens_per_s"] / sides[b]["tokens_per_s"]
+        for a in ("ours", "ours compiled")
+        for b in sides
+        if a in sides and b != a and not b.startswith("ours")
+    }
     print(f"  {name}: {wall:.0f} s", file=sys.stderr)
     return {"params": model.num_parameters(), "sides": sides, "ratios": ratios, "wall_s": wall}
 
@@ -260,21 +256,14 @@ def meta(args, llama_cpp: str | None) -> dict:
 
 
 def table(report: dict) -> str:
-    sides = ["ours", "ours compiled", "hf", "llama.cpp f32", "llama.cpp f16"]
-    ratio_keys = (
-        "ours/hf",
-        "ours compiled/hf",
-        "ours/llama.cpp f32",
-        "ours/llama.cpp f16",
-    )
-    head = [
-        "preset",
-        *[f"{s} tok/s" for s in sides],
-        "ours/hf",
-        "compiled/hf",
-        "ours/llama f32",
-        "ours/llama f16",
-    ]
+    sides = ["ours", "ours compiled", "hf", "hf compiled", "llama.cpp f32", "llama.cpp f16"]
+    ratio_keys = {  # column title: ratio key
+        "ours/hf": "ours/hf",
+        "compiled/hf": "ours compiled/hf",
+        "compiled/hf compiled": "ours compiled/hf compiled",
+        "compiled/llama f32": "ours compiled/llama.cpp f32",
+    }
+    head = ["preset", *[f"{s} tok/s" for s in sides], *ratio_keys]
     rows = [head]
     for name, r in report["presets"].items():
         s, q = r["sides"], r["ratios"]
@@ -282,7 +271,7 @@ def table(report: dict) -> str:
             [
                 f"{name} ({r['params'] / 1e6:.1f}M)",
                 *[f"{s[x]['tokens_per_s']:.0f}" if x in s else "-" for x in sides],
-                *[f"{q[k]:.2f}x" if k in q else "-" for k in ratio_keys],
+                *[f"{q[k]:.2f}x" if k in q else "-" for k in ratio_keys.values()],
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

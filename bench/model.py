@@ -7,8 +7,10 @@ weights into it (the parameter names are the same), and measures on the same inp
 1. training step (forward + cross-entropy + backward; no optimizer) tokens/s, eager and
    torch.compile'd, fp32 and bf16 autocast (CUDA: bf16 autocast only);
 2. greedy decode tokens/s at batch 1 and 8: our `generate` vs `model.generate(do_sample=False)`
-   with its default cache, both forced to the full length with min_new_tokens (so neither stops
-   early on eos); the time covers the whole call, prefill included;
+   with its default cache (eager rows), and `generate(compile=True)` vs transformers' compiled
+   recipe, its static cache with a torch.compile'd forward (compile rows); all forced to the
+   full length with min_new_tokens (so none stops early on eos); the time covers the whole
+   call, prefill included;
 3. peak memory per case, in MiB over what was resident before it (CUDA: allocated memory;
    CPU: resident set, after returning freed heap pages to the OS with malloc_trim).
 
@@ -219,49 +221,82 @@ def decode_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.device == "cuda" else torch.float32
 
 
+@torch.inference_mode()
+def hf_generate(hf, ids: torch.Tensor, n: int, cfg, static: bool = False) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly n new tokens per row of ids (B, T);
+    static=True: its static KV cache (what a compiled forward needs)."""
+    seq = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id,
+        **({"cache_implementation": "static"} if static else {}),
+    )
+    return seq[:, ids.shape[1] :].tolist()
+
+
+def compile_hf(hf) -> None:
+    """transformers' recipe for a compiled generate: torch.compile the forward (used with the
+    static cache). `uncompile_hf` undoes it."""
+    hf.forward = torch.compile(hf.forward, dynamic=False)
+
+
+def uncompile_hf(hf) -> None:
+    del hf.forward  # the instance attribute: the class's forward again
+
+
 def bench_decode(ours, hf, args) -> dict:
+    """Greedy decode at batch 1 and 8. Eager: our generate vs transformers' default generate.
+    Compiled: generate(compile=True) vs transformers with the static cache and a compiled
+    forward (its documented recipe); compilation happens in the warm-up call."""
     cfg = ours.config
     n = args.new_tokens
     dtype = decode_dtype(args)
     for m in (ours, hf):
         m.to(dtype).eval()
     results = {}
-    for batch in (1, 8):
-        g = torch.Generator().manual_seed(2 + batch)
-        # Ids from 3 up: no special tokens in the prompts.
-        prompt = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=g)
-        ids = prompt.to(args.device)
-        out: dict[str, list] = {}
+    modes = ["eager"] if args.skip_compile else ["eager", "compile"]
+    for mode in modes:
+        compiled = mode == "compile"
+        if compiled:
+            compile_hf(hf)
+        for batch in (1, 8):
+            g = torch.Generator().manual_seed(2 + batch)
+            # Ids from 3 up: no special tokens in the prompts.
+            prompt = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=g)
+            ids = prompt.to(args.device)
+            out: dict[str, list] = {}
 
-        def run_ours(prompt=prompt, out=out) -> None:
-            out["ours"] = generate(
-                ours, prompt.tolist(), max_new_tokens=n, min_new_tokens=n, temperature=0
-            )
+            def run_ours(prompt=prompt, out=out, compiled=compiled) -> None:
+                out["ours"] = generate(
+                    ours,
+                    prompt.tolist(),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    temperature=0,
+                    compile=compiled,
+                )
 
-        @torch.inference_mode()
-        def run_hf(ids=ids, out=out) -> None:
-            seq = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                pad_token_id=cfg.pad_token_id,
-                eos_token_id=cfg.eos_token_id,
-            )
-            out["hf"] = seq[:, ids.shape[1] :].tolist()
+            def run_hf(ids=ids, out=out, compiled=compiled) -> None:
+                out["hf"] = hf_generate(hf, ids, n, cfg, static=compiled)
 
-        fns = {"ours": run_ours, "hf": run_hf}
-        t0 = time.perf_counter()
-        times = alternate(fns, 1, args.decode_repeats, args.device)
-        mems = {name: peak_memory_mib(fn, args.device) for name, fn in fns.items()}
-        case = {name: summarise(times[name], batch * n, mems[name]) for name in fns}
-        case.update(compare(case["ours"], case["hf"]))
-        # Same weights, both greedy: the tokens should agree (a near-tie may flip one).
-        case["same_tokens_rows"] = sum(a == b for a, b in zip(out["ours"], out["hf"])) / batch
-        case["wall_s"] = time.perf_counter() - t0
-        results[f"batch{batch}"] = case
-        print(f"  decode batch {batch}: {case['wall_s']:.0f} s", file=sys.stderr)
+            fns = {"ours": run_ours, "hf": run_hf}
+            t0 = time.perf_counter()
+            times = alternate(fns, 1, args.decode_repeats, args.device)
+            mems = {name: peak_memory_mib(fn, args.device) for name, fn in fns.items()}
+            case = {name: summarise(times[name], batch * n, mems[name]) for name in fns}
+            case.update(compare(case["ours"], case["hf"]))
+            # Same weights, both greedy: the tokens should agree (a near-tie may flip one).
+            case["same_tokens_rows"] = sum(a == b for a, b in zip(out["ours"], out["hf"])) / batch
+            case["wall_s"] = time.perf_counter() - t0
+            key = f"batch{batch}" if not compiled else f"compile/batch{batch}"
+            results[key] = case
+            print(f"  decode {key}: {case['wall_s']:.0f} s", file=sys.stderr)
+        if compiled:
+            uncompile_hf(hf)
     return results
 
 

@@ -130,9 +130,11 @@ class InputGroup(nn.Module):
     fixed cost. Measured on the 2-core CPU (A/B in one process, compiled greedy decode of
     minimind2-small, best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
 
-    - Autograd on (training): the weights are concatenated per call. The copy is small next to
-      the GEMM, and the gradients reach each parameter, so names, optimizers and LoRA see the
-      usual separate parameters.
+    - Autograd on (training), where CONCAT_WITH_GRAD: the weights are concatenated per call.
+      The copy is small next to the GEMM, and the gradients reach each parameter, so names,
+      optimizers and LoRA see the usual separate parameters. Worth it for q/k/v (k and v are
+      thin); gate/up showed no gain in training steps (A/B, eager and compiled, fp32 and bf16,
+      within this machine's noise), so those run as two matmuls there.
     - Autograd off (decoding, evaluation), after `fuse()`: the parameters are views into one
       buffer, which is then the concatenated weight itself: no copy, and never stale, since
       every in-place update (optimizer steps, fused AdamW included, which does not bump version
@@ -146,6 +148,7 @@ class InputGroup(nn.Module):
     """
 
     GROUP: tuple[str, ...] = ()
+    CONCAT_WITH_GRAD = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -202,6 +205,8 @@ class InputGroup(nn.Module):
             return tuple(lin(x) for lin in linears)
         sizes = [lin.out_features for lin in linears]
         if torch.is_grad_enabled():
+            if not self.CONCAT_WITH_GRAD:
+                return tuple(lin(x) for lin in linears)
             return F.linear(x, torch.cat([lin.weight for lin in linears])).split(sizes, dim=-1)
         base = self._fused_weight
         if base is not None and (
@@ -215,6 +220,7 @@ class Attention(InputGroup):
     """Grouped-query causal self-attention through F.scaled_dot_product_attention."""
 
     GROUP = ("q_proj", "k_proj", "v_proj")
+    CONCAT_WITH_GRAD = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
