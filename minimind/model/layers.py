@@ -126,8 +126,7 @@ class InputGroup(nn.Module):
     gate/up): `project(x)` runs them as ONE matmul where that is safe, else one by one.
 
     Why: one (C, sum of outputs) GEMM is faster than several thin ones (k/v are only K*D = 128
-    wide), on CPU both in training and in batch-1 decoding, where each GEMV call has its own
-    fixed cost. Measured on the 2-core CPU (A/B in one process, compiled greedy decode of
+    wide), above all in batch-1 decoding on CPU, where each GEMV call has its own fixed cost. Measured on the 2-core CPU (A/B in one process, compiled greedy decode of
     minimind2-small, best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
 
     - Autograd on (training), where CONCAT_WITH_GRAD: the weights are concatenated per call.
