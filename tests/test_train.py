@@ -188,3 +188,29 @@ def test_wandb_offline_run_id_survives_resume(data, tmp_path, monkeypatch):
         first and load_trainer_state(tmp_path / "run" / "step_00000004")["tracker_run_id"] == first
     )
     assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{first}"))
+
+
+@pytest.mark.parametrize("labelled", [1.0, 0.3, 0.0])
+def test_lm_loss_on_labelled_positions_equals_the_full_logits_loss(labelled):
+    """lm_loss runs the head on labelled positions only: same loss, same gradients."""
+    import torch.nn.functional as F
+
+    from minimind.train.stage import IGNORE_INDEX, lm_loss
+
+    model = tiny_model().train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 17), generator=g)
+    labels = torch.randint(0, model.config.vocab_size, (3, 17), generator=g)
+    labels[torch.rand(3, 17, generator=g) >= labelled] = IGNORE_INDEX
+    got = lm_loss(model, ids, labels).loss_sum
+    got.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids).logits
+    ref = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, msg=n)

@@ -176,10 +176,17 @@ class MiniMindForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """logits_to_keep > 0 computes logits for the last k positions only (decoding)."""
+        """logits_to_keep > 0 computes logits for the last k positions only (decoding).
+        logits_at (N,) long: logits only at these positions of the flattened (B*T) sequence,
+        returned as (N, V) (training on the labelled positions only: SFT labels 15-25% of them,
+        and the head is the largest single matmul)."""
         hidden, aux = self.model(input_ids, attention_mask, cache)
-        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        if logits_at is not None:
+            h = hidden.flatten(0, 1).index_select(0, logits_at)
+        else:
+            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         return CausalLMOutput(self.lm_head(h), aux, hidden)
 
     def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:

@@ -73,15 +73,21 @@ class Stage:
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
     """Next-token cross-entropy summed over labelled positions (labels already shifted, -100
-    ignored), plus the model's MoE balance loss. Logits are upcast to fp32 for the softmax."""
-    out = model(input_ids)
-    logits = out.logits
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    ignored), plus the model's MoE balance loss. Logits are upcast to fp32 for the softmax.
+
+    When some positions carry no label (SFT: prompts and padding), the head runs on the
+    labelled ones only (`logits_at`): the same loss and gradients without the (B*T, V) logits.
+    """
+    flat = labels.reshape(-1)
+    keep = flat != IGNORE_INDEX
+    if bool(keep.all()):  # packed pretraining: every position is a target
+        out = model(input_ids)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+    else:
+        at = keep.nonzero().squeeze(1)
+        out = model(input_ids, logits_at=at)
+        logits, flat = out.logits, flat.index_select(0, at)
+    loss = F.cross_entropy(logits.float(), flat, reduction="sum")
     return LossOutput(loss, aux=out.aux_loss if out.aux_loss.requires_grad else None)
 
 
