@@ -5,7 +5,11 @@ heads, head dim, intermediate, vocab, tied embeddings, rope theta, norm eps), lo
 weights into it (the parameter names are the same), and measures on the same inputs:
 
 1. training step (forward + cross-entropy + backward; no optimizer) tokens/s, eager and
-   torch.compile'd, fp32 and bf16 autocast (CUDA: bf16 autocast only);
+   torch.compile'd, fp32 and bf16 autocast (CUDA: bf16 autocast only), twice: with every
+   position a target (pretraining; one loss code for both), and SFT-shaped, with only
+   --sft-labelled of the positions labelled and each model's own training loss (ours
+   `minimind.train`'s lm_loss, transformers' `model(input_ids, labels=...)`); tokens/s counts
+   all positions in both;
 2. greedy decode tokens/s at batch 1 and 8: our `generate` vs `model.generate(do_sample=False)`
    with its default cache (eager rows), and `generate(compile=True)` vs transformers' compiled
    recipe, its static cache with a torch.compile'd forward (compile rows); all forced to the
@@ -55,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     arg("--batch", type=int, default=4, help="training batch size")
     arg("--seq", type=int, default=256, help="training sequence length")
+    arg("--sft-labelled", type=float, default=0.2, help="labelled share of the SFT-shaped step")
     arg("--steps", type=int, default=5, help="timed training steps per case")
     arg("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     arg("--prompt-len", type=int, default=32, help="decode prompt length")
@@ -169,6 +174,8 @@ def compare(ours: dict, hf: dict) -> dict:
 
 
 def train_step_fn(model, x, y, device: str, bf16: bool) -> Callable[[], None]:
+    """Every position a target (pretraining): the same loss code for both models."""
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
@@ -179,11 +186,44 @@ def train_step_fn(model, x, y, device: str, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def bench_training(ours, hf, args) -> dict:
+def sft_step_fn(model, x, y, device: str, bf16: bool, ours: bool) -> Callable[[], None]:
+    """Most positions unlabelled (SFT: prompts, padding), each model's own training loss:
+    ours `lm_loss` (minimind.train; y already shifted), transformers' `model(x, labels=...)`
+    (it shifts labels itself, so it gets y moved one step right: the same targets)."""
+    from minimind.train.stage import lm_loss
+
+    hf_labels = F.pad(y[:, :-1], (1, 0), value=-100)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = lm_loss(model, x, y).loss_sum if ours else model(x, labels=hf_labels).loss
+        loss.backward()
+
+    return step
+
+
+@torch.no_grad()
+def sft_loss_gap(ours, hf, x, y) -> float:
+    """|ours - transformers'| mean SFT loss in fp32 eager, on the benchmark's batch."""
+    from minimind.train.stage import lm_loss
+
+    mine = lm_loss(ours, x, y).loss_sum / (y != -100).sum()
+    theirs = hf(x, labels=F.pad(y[:, :-1], (1, 0), value=-100)).loss
+    return float((mine - theirs).abs())
+
+
+def bench_training(ours, hf, args, sft: bool = False) -> dict:
+    """sft=False: every position a target; True: a fraction --sft-labelled of them (the last
+    ones of each row, as an answer after its prompt), the last position never (see sft_step_fn)."""
     cfg = ours.config
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    if sft:
+        answer = max(1, round(args.sft_labelled * args.seq))
+        y[:, : args.seq - answer] = -100
+        y[:, -1] = -100
     tokens = args.batch * args.seq
     modes = ["eager"] if args.skip_compile else ["eager", "compile"]
     precisions = ["bf16"] if args.device == "cuda" else ["fp32", "bf16"]
@@ -196,8 +236,11 @@ def bench_training(ours, hf, args) -> dict:
             torch._dynamo.reset()
             models = {name: torch.compile(m) for name, m in models.items()}
         for precision in precisions:
+            bf16 = precision == "bf16"
             fns = {
-                name: train_step_fn(m, x, y, args.device, precision == "bf16")
+                name: sft_step_fn(m, x, y, args.device, bf16, ours=name == "ours")
+                if sft
+                else train_step_fn(m, x, y, args.device, bf16)
                 for name, m in models.items()
             }
             t0 = time.perf_counter()
@@ -205,9 +248,12 @@ def bench_training(ours, hf, args) -> dict:
             mems = {name: peak_memory_mib(fn, args.device) for name, fn in fns.items()}
             case = {n: summarise(times[n], tokens, mems[n]) for n in fns}
             case.update(compare(case["ours"], case["hf"]))
+            if sft:  # the two losses are the same number (mean over the labelled positions)
+                case["loss_abs_diff"] = sft_loss_gap(ours, hf, x, y)
             case["wall_s"] = time.perf_counter() - t0
             results[f"{mode}/{precision}"] = case
-            print(f"  train {mode}/{precision}: {case['wall_s']:.0f} s", file=sys.stderr)
+            kind = "train_sft" if sft else "train"
+            print(f"  {kind} {mode}/{precision}: {case['wall_s']:.0f} s", file=sys.stderr)
     for m in (ours, hf):
         m.zero_grad(set_to_none=True)
     return results
@@ -364,7 +410,7 @@ def table(report: dict) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
     rows = [("case", "ours tok/s", "HF tok/s", "ours/HF", "ours MiB", "HF MiB", "mem ours/HF")]
-    for section in ("train", "decode"):
+    for section in ("train", "train_sft", "decode"):
         for name, c in report[section].items():
             rows.append(
                 (
@@ -402,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"meta": meta(args, ours)}
     t0 = time.perf_counter()
     report["train"] = bench_training(ours, hf, args)
+    report["train_sft"] = bench_training(ours, hf, args, sft=True)
     report["decode"] = bench_decode(ours, hf, args)
     report["meta"]["wall_s"] = time.perf_counter() - t0
     report["meta"]["loadavg_end"] = os.getloadavg()

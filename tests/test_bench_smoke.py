@@ -22,9 +22,15 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert {"date", "device", "device_name", "torch", "transformers", "dims"} <= set(report["meta"])
-    assert set(report["train"]) == {"eager/fp32", "eager/bf16"}
+    assert set(report["train"]) == set(report["train_sft"]) == {"eager/fp32", "eager/bf16"}
+    for case in report["train_sft"].values():  # each model's own loss: the same number
+        assert case["loss_abs_diff"] < 1e-4
     assert set(report["decode"]) == {"batch1", "batch8"}
-    for case in [*report["train"].values(), *report["decode"].values()]:
+    for case in [
+        *report["train"].values(),
+        *report["train_sft"].values(),
+        *report["decode"].values(),
+    ]:
         assert {"ours", "hf", "speedup", "mem_ratio"} <= set(case)
         for side in (case["ours"], case["hf"]):
             assert side["tokens_per_s"] > 0
