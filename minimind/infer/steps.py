@@ -22,7 +22,8 @@ Per-step overhead of the compiled step on a CPU, where a batch-1 step of a 26M m
   or compiles, the graph for exactly these inputs); the later steps pass the same model, the
   same cache tensors and a token tensor of the same shape, so they skip the guard evaluation
   (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only guards that tell cached
-  graphs apart still run).
+  graphs apart still run). The stance is process-wide: compiled `generate` calls are not for
+  several threads at once (the server, chat and web UI decode eagerly).
 A/B in one process (/tmp script, greedy, 32 + 128 tokens, 12 interleaved calls, median):
 minimind2-small 165 -> 198 tokens/s, demo 1,181 -> 1,415 with both.
 """
