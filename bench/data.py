@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers is imported
 
 import numpy as np
+from report import write_report  # bench/report.py, beside this file
 
 from minimind.data.demo import write_demo_corpus
 from minimind.data.formats import RecordReader
@@ -137,8 +137,7 @@ def main() -> None:
             **padding,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_report(result, args.out)
 
     ws = sorted({1, args.workers})
     head = f"{'tokenizer':<10} {'kind':<9} {'MB':>6}"

@@ -46,6 +46,7 @@ import torch
 # bench/model.py, beside this file (a script's folder is on sys.path): its transformers twin,
 # turn-taking timer and machine name are reused as they are.
 from model import alternate, compile_hf, device_name, hf_generate, llama_twin
+from report import write_report  # bench/report.py, beside this file
 
 from minimind.infer import generate
 from minimind.model import MiniMindForCausalLM, preset
@@ -307,8 +308,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
     )
     print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
     return report
 

@@ -31,7 +31,6 @@ import argparse
 import ctypes
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import write_report  # bench/report.py, beside this file
 
 from minimind.infer import generate
 from minimind.model import MiniMindForCausalLM, preset
@@ -461,8 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
     )
     print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
     return report
 

@@ -50,6 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx
 import torch
+from report import write_report  # bench/report.py, beside this file
 
 from minimind.checkpoint import save_checkpoint
 from minimind.data.demo import write_demo_corpus
@@ -351,8 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
             for lv in levels
         )
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
     return report
 

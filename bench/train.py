@@ -60,6 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before tokenizers is
 
 import torch
 import torch.nn.functional as F
+from report import write_report  # bench/report.py, beside this file
 
 from minimind.data.demo import write_demo_corpus
 from minimind.data.padding import IGNORE_INDEX
@@ -559,13 +560,6 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -585,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for stage in ("sft", "pretrain"):
                     case = run_case(stage, name, entry, dtype, mode, args, tmp)
                     report[stage].append(case)
-                    write(report, args.out)  # a partial report survives an interrupted run
+                    write_report(report, args.out)  # a partial report survives an interrupted run
                     print(
                         f"  {name} {mode}/{dtype} {stage}: {case['wall_s']:.0f} s", file=sys.stderr
                     )
@@ -593,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     m["loadavg_end"] = list(os.getloadavg())
     m["wall_s"] = time.perf_counter() - t0
     report["complete"] = True
-    write(report, args.out)
+    write_report(report, args.out)
     where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
     print(
         f"{where}; torch {m['torch']}; batch {args.batch} rows, max_seq_len {args.max_seq_len}; "
