@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--decode-repeats", type=int, default=5, help="timed generate calls per case")
     arg("--quick", action="store_true", help="tiny preset and sizes: a smoke run of seconds")
     arg("--skip-compile", action="store_true", help="eager only")
+    arg(
+        "--profile",
+        action="store_true",
+        help="also split each training step: GEMM, attention, rest",
+    )
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -213,6 +218,34 @@ def sft_loss_gap(ours, hf, x, y) -> float:
     return float((mine - theirs).abs())
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def step_breakdown(step: Callable[[], None], device: str, steps: int = 2) -> dict[str, float]:
+    """ms per step in GEMMs, in attention kernels and in everything else (torch.profiler self
+    time: CPU, or the GPU's kernel time on CUDA): what a faster implementation could still
+    remove is the "other" share, since both models call the same GEMM and attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+        kind = (
+            "gemm"
+            if e.key in GEMM_OPS
+            else "attention"
+            if "scaled_dot_product" in e.key or "flash" in e.key
+            else "other"
+        )
+        split[kind] += t / steps / 1e3
+    return split
+
+
 def bench_training(ours, hf, args, sft: bool = False) -> dict:
     """sft=False: every position a target; True: a fraction --sft-labelled of them (the last
     ones of each row, as an answer after its prompt), the last position never (see sft_step_fn)."""
@@ -250,6 +283,8 @@ def bench_training(ours, hf, args, sft: bool = False) -> dict:
             case.update(compare(case["ours"], case["hf"]))
             if sft:  # the two losses are the same number (mean over the labelled positions)
                 case["loss_abs_diff"] = sft_loss_gap(ours, hf, x, y)
+            if args.profile:
+                case["breakdown_ms"] = {n: step_breakdown(fn, args.device) for n, fn in fns.items()}
             case["wall_s"] = time.perf_counter() - t0
             results[f"{mode}/{precision}"] = case
             kind = "train_sft" if sft else "train"
@@ -431,6 +466,14 @@ def table(report: dict) -> str:
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for section in ("train", "train_sft"):  # with --profile
+        for name, c in report[section].items():
+            for side, split in c.get("breakdown_ms", {}).items():
+                total = sum(split.values())
+                lines.append(
+                    f"{section} {name} {side}: {total:.0f} ms/step profiled = "
+                    + ", ".join(f"{k} {v:.0f} ({v / total:.0%})" for k, v in split.items())
+                )
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "model.py"
 
 def test_quick_benchmark_writes_its_report(tmp_path):
     out = tmp_path / "model.json"
-    cmd = [sys.executable, str(BENCH), "--quick", "--skip-compile", "--device", "cpu"]
+    cmd = [sys.executable, str(BENCH), "--quick", "--skip-compile", "--device", "cpu", "--profile"]
     proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -25,6 +25,9 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     assert set(report["train"]) == set(report["train_sft"]) == {"eager/fp32", "eager/bf16"}
     for case in report["train_sft"].values():  # each model's own loss: the same number
         assert case["loss_abs_diff"] < 1e-4
+    for case in [*report["train"].values(), *report["train_sft"].values()]:
+        for split in case["breakdown_ms"].values():
+            assert set(split) == {"gemm", "attention", "other"} and split["gemm"] > 0
     assert set(report["decode"]) == {"batch1", "batch8"}
     for case in [
         *report["train"].values(),
