@@ -126,8 +126,9 @@ class InputGroup(nn.Module):
     gate/up): `project(x)` runs them as ONE matmul where that is safe, else one by one.
 
     Why: one (C, sum of outputs) GEMM is faster than several thin ones (k/v are only K*D = 128
-    wide), above all in batch-1 decoding on CPU, where each GEMV call has its own fixed cost. Measured on the 2-core CPU (A/B in one process, compiled greedy decode of
-    minimind2-small, best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
+    wide), above all in batch-1 decoding on CPU, where each GEMV call has its own fixed cost.
+    Measured on the 2-core CPU (A/B in one process, compiled greedy decode of minimind2-small,
+    best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
 
     - Autograd on (training), where CONCAT_WITH_GRAD: the weights are concatenated per call.
       The copy is small next to the GEMM, and the gradients reach each parameter, so names,
@@ -200,18 +201,16 @@ class InputGroup(nn.Module):
     def project(self, x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, ...]:
         """x (..., C) -> each Linear's output (..., out_i), in GROUP order."""
         linears = self._linears()
-        if not self._plain(linears):
-            return tuple(lin(x) for lin in linears)
-        sizes = [lin.out_features for lin in linears]
-        if torch.is_grad_enabled():
-            if not self.CONCAT_WITH_GRAD:
-                return tuple(lin(x) for lin in linears)
-            return F.linear(x, torch.cat([lin.weight for lin in linears])).split(sizes, dim=-1)
-        base = self._fused_weight
-        if base is not None and (
-            trusted or (not torch.compiler.is_compiling() and self.fused_intact())
-        ):
-            return F.linear(x, base).split(sizes, dim=-1)
+        if self._plain(linears):
+            sizes = [lin.out_features for lin in linears]
+            if torch.is_grad_enabled():
+                if self.CONCAT_WITH_GRAD:
+                    weight = torch.cat([lin.weight for lin in linears])
+                    return F.linear(x, weight).split(sizes, dim=-1)
+            elif self._fused_weight is not None and (
+                trusted or (not torch.compiler.is_compiling() and self.fused_intact())
+            ):
+                return F.linear(x, self._fused_weight).split(sizes, dim=-1)
         return tuple(lin(x) for lin in linears)
 
 
