@@ -45,6 +45,7 @@ from report import write_report  # bench/report.py, beside this file
 
 from minimind.infer import generate
 from minimind.model import MiniMindForCausalLM, preset
+from minimind.train.stage import lm_loss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model.json"
 
@@ -191,18 +192,21 @@ def train_step_fn(model, x, y, device: str, bf16: bool) -> Callable[[], None]:
     return step
 
 
+def hf_labels(y: torch.Tensor) -> torch.Tensor:
+    """Our shifted labels y (B, T) as transformers' `labels=` wants them: it shifts labels
+    itself, so it gets y moved one step right (the same targets; y's last column unlabelled)."""
+    return F.pad(y[:, :-1], (1, 0), value=-100)
+
+
 def sft_step_fn(model, x, y, device: str, bf16: bool, ours: bool) -> Callable[[], None]:
     """Most positions unlabelled (SFT: prompts, padding), each model's own training loss:
-    ours `lm_loss` (minimind.train; y already shifted), transformers' `model(x, labels=...)`
-    (it shifts labels itself, so it gets y moved one step right: the same targets)."""
-    from minimind.train.stage import lm_loss
-
-    hf_labels = F.pad(y[:, :-1], (1, 0), value=-100)
+    ours `lm_loss` (minimind.train; y already shifted), transformers' `model(x, labels=...)`."""
+    theirs = hf_labels(y)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = lm_loss(model, x, y).loss_sum if ours else model(x, labels=hf_labels).loss
+            loss = lm_loss(model, x, y).loss_sum if ours else model(x, labels=theirs).loss
         loss.backward()
 
     return step
@@ -211,10 +215,8 @@ def sft_step_fn(model, x, y, device: str, bf16: bool, ours: bool) -> Callable[[]
 @torch.no_grad()
 def sft_loss_gap(ours, hf, x, y) -> float:
     """|ours - transformers'| mean SFT loss in fp32 eager, on the benchmark's batch."""
-    from minimind.train.stage import lm_loss
-
     mine = lm_loss(ours, x, y).loss_sum / (y != -100).sum()
-    theirs = hf(x, labels=F.pad(y[:, :-1], (1, 0), value=-100)).loss
+    theirs = hf(x, labels=hf_labels(y)).loss
     return float((mine - theirs).abs())
 
 
