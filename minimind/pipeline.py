@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,20 +29,39 @@ def _done(t0: float, text: str) -> None:
     print(f"   {text}  [{time.perf_counter() - t0:.1f}s]")
 
 
+@dataclass
+class Recipe:
+    """The demo's data and training budget (every field a `minimind demo` flag).
+
+    A 2M-parameter model on 2 cores is limited by optimizer steps, not tokens: for the same
+    tokens and time, 8 windows of 128 tokens per step reach a much lower loss than 32 of 256,
+    and facts are stored only after several epochs (bench/RESULTS.md, "The demo recipe").
+    """
+
+    size_mb: float = 3.0  # demo pretrain text; the other files scale with it
+    vocab_size: int = 2048
+    split_digits: bool = True  # numbers encode digit by digit (tokenizer/train.py)
+    cjk_chunk: int = 0  # >0: no token spans more Chinese characters (tokenizer/train.py)
+    seq_len: int = 256  # SFT rows (longer conversations are truncated)
+    pretrain_seq_len: int = 128  # packed windows; demo texts are under 512 characters
+    pretrain_epochs: int = 3
+    pretrain_batch: int = 8
+    pretrain_lr: float = 3e-3
+    sft_epochs: int = 3
+    sft_batch: int = 8
+    sft_lr: float = 1e-3
+
+
 def run(
     workdir: Path,
     seed: int = 0,
-    size_mb: float = 3.0,
-    vocab_size: int = 2048,
-    pretrain_epochs: int = 1,
-    # Measured on 2 CPU cores (2026-11-29): SFT eval loss 3.18 after 1 epoch, 1.10 after 4
-    # (+100 s, the whole demo 3.7 min); 3 pretraining epochs cost 100 s more for little.
-    sft_epochs: int = 4,
-    seq_len: int = 256,
+    recipe: Recipe | None = None,
     max_steps: int | None = None,
     eval_limit: int | None = None,
 ) -> dict:
     """The whole demo under `workdir`; returns the paths and figures it printed."""
+    import json
+
     from minimind.checkpoint import load_checkpoint
     from minimind.convert.hf import export_hf_folder, load_hf_folder
     from minimind.convert.minimind2 import load_minimind2_pth, save_minimind2_pth
@@ -50,7 +70,7 @@ def run(
     from minimind.data.formats import RecordReader
     from minimind.data.prepare import prepare
     from minimind.data.texts import iter_texts
-    from minimind.eval.tasks import answer_accuracy
+    from minimind.eval.tasks import answer_accuracy, chance_level
     from minimind.model import MiniMindForCausalLM, preset
     from minimind.tokenizer import compression, load_tokenizer, train_tokenizer
     from minimind.train.config import TrainConfig
@@ -58,6 +78,8 @@ def run(
     from minimind.train.stages.pretrain import PretrainStage
     from minimind.train.stages.sft import SFTStage
 
+    r = recipe or Recipe()
+    size_mb, vocab_size, seq_len = r.size_mb, r.vocab_size, r.seq_len
     torch.manual_seed(seed)
     result: dict = {}
 
@@ -69,14 +91,21 @@ def run(
     t0 = _step("2. validate every file")
     for path in files.values():
         report = check_file(path, on_error="raise")
-        print(f"   {path.name:<22} {report.kind:<10} {report.records:>6} records, 0 bad lines")
+        print(f"   {path.name:<26} {report.kind:<10} {report.records:>6} records, 0 bad lines")
     _done(t0, "all files valid")
 
     t0 = _step(f"3. tokenizer (byte-level BPE, vocabulary {vocab_size})")
     train_files = [files[k] for k in ("pretrain", "sft", "reasoning")]
     texts = list(iter_texts(train_files))
     held_out, train = texts[::100], [t for i, t in enumerate(texts) if i % 100]
-    tok_dir = train_tokenizer(train, workdir / "tokenizer", vocab_size, show_progress=False)
+    tok_dir = train_tokenizer(
+        train,
+        workdir / "tokenizer",
+        vocab_size,
+        show_progress=False,
+        split_digits=r.split_digits,
+        cjk_chunk=r.cjk_chunk,
+    )
     tokenizer = load_tokenizer(tok_dir)
     ratio = compression(tokenizer, held_out)
     result["chars_per_token"] = ratio
@@ -96,16 +125,17 @@ def run(
     # bf16 for fixed-length packed pretraining (about 1.9x fp32 on this class of CPU); fp32
     # for variable-length SFT, where CPU bf16 attention backward is slower than fp32
     # (bench/RESULTS.md).
-    for name, stage, epochs, lr, dtype in (
-        ("pretrain", PretrainStage(shards["pretrain"], seq_len), pretrain_epochs, 2e-3, "bf16"),
-        ("sft", SFTStage(shards["sft"], seq_len), sft_epochs, 1e-3, "fp32"),
-    ):
+    for name, stage, epochs, batch, lr, dtype in (
+        ("pretrain", PretrainStage(shards["pretrain"], r.pretrain_seq_len), r.pretrain_epochs,
+         r.pretrain_batch, r.pretrain_lr, "bf16"),
+        ("sft", SFTStage(shards["sft"], seq_len), r.sft_epochs, r.sft_batch, r.sft_lr, "fp32"),
+    ):  # fmt: skip
         t0 = _step(f"5{'ab'[name == 'sft']}. {name} ({epochs} epoch(s), the one training engine)")
         train_config = TrainConfig(
             out_dir=str(workdir / "checkpoints" / name),
             epochs=epochs,
             max_steps=max_steps,
-            batch_size=32,
+            batch_size=batch,
             learning_rate=lr,
             warmup_ratio=0.02,
             dtype=dtype,
@@ -155,14 +185,23 @@ def run(
         f"re-imported {back_diff:.1e}",
     )
 
-    t0 = _step("8. held-out questions: unseen phrasings of known facts, unseen arithmetic")
-    for task in ("eval_facts", "eval_arith"):
+    t0 = _step("8. questions: trained phrasings and operand pairs, then held-out ones")
+    for task in ("eval_facts_trained", "eval_facts", "eval_arith_trained", "eval_arith"):
+        rows = [json.loads(line) for line in files[task].read_text("utf-8").splitlines()]
+        chance = chance_level(rows)  # over the whole file, also when `eval_limit` cuts it
         records = list(RecordReader(files[task]))[:eval_limit]
         acc = answer_accuracy(model, tokenizer, records, max_new_tokens=24)
         result[f"{task}_accuracy"] = acc.value
-        print(f"   {task}: {acc.correct}/{acc.total} correct ({100 * acc.value:.1f}%)")
-        for question, answer, gold, ok in acc.samples[:2]:
-            print(f"     Q: {question}\n     A: {answer}  [gold {gold}: {'ok' if ok else 'wrong'}]")
+        result[f"{task}_chance"] = chance
+        print(
+            f"   {task:<19} {acc.correct:>4}/{acc.total:<4} correct ({100 * acc.value:5.1f}%, "
+            f"chance {100 * chance:.1f}%)"
+        )
+        if task in ("eval_facts", "eval_arith"):
+            for question, answer, gold, ok in acc.samples[:2]:
+                print(
+                    f"     Q: {question}\n     A: {answer}  [gold {gold}: {'ok' if ok else 'wrong'}]"
+                )
     print(f"   chat with it:  minimind chat --load_from {ckpt}")
     print(f"   serve it:      minimind serve --load_from {ckpt}   (OpenAI API on 127.0.0.1:8998)")
     _done(t0, f"in a browser:  minimind web --load_from {ckpt}")
@@ -173,21 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minimind demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=paths.home() / "runs" / "demo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size-mb", type=float, default=3.0, help="demo pretrain text size")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--sft-epochs", type=int, default=4)
+    for f in fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, type=int, choices=(0, 1), default=int(f.default))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
     parser.add_argument("--max-steps", type=int, default=None, help="cap each stage (smoke runs)")
     args = parser.parse_args(argv)
+    recipe = Recipe(**{f.name: type(f.default)(getattr(args, f.name)) for f in fields(Recipe)})
     t0 = time.perf_counter()
-    run(
-        args.workdir,
-        args.seed,
-        args.size_mb,
-        args.vocab_size,
-        args.pretrain_epochs,
-        args.sft_epochs,
-        max_steps=args.max_steps,
-    )
+    run(args.workdir, args.seed, recipe, max_steps=args.max_steps)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; everything is in {args.workdir}")
     return 0

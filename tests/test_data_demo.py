@@ -35,6 +35,8 @@ EXPECTED_KIND = {
     "reasoning": "reasoning",
     "eval_facts": "rlaif",
     "eval_arith": "rlaif",
+    "eval_facts_trained": "rlaif",
+    "eval_arith_trained": "rlaif",
 }
 TRAINING = ("pretrain", "sft", "lora", "dpo", "rlaif", "reasoning")
 
@@ -174,6 +176,25 @@ def test_eval_arith_uses_held_out_pairs_with_correct_answers(corpus):
         op = WORDS.get(op, op)
         assert not split.allowed(op, int(a), int(b))
         assert row["answer"] == str(apply(int(a), op, int(b)))
+
+
+def test_trained_evals_ask_in_training_phrasings_and_pairs(corpus, training_text):
+    # The memorisation side of the report: the same facts and operations, asked as training
+    # asks them, so a held-out miss says "did not generalise" rather than "did not learn".
+    world, split = build_world(0), ArithSplit(0)
+    facts = rows(corpus["eval_facts_trained"])
+    assert len(facts) == len(world.facts) * len(LANGS)
+    for fact, (en, zh) in zip(world.facts, zip(facts[::2], facts[1::2])):
+        for lang, row in (("en", en), ("zh", zh)):
+            asked = {render(t, fact, lang) for t in TRAIN_QUESTIONS[fact.attribute][lang]}
+            assert row["conversations"][0]["content"] in asked
+            assert row["answer"] == fact.value.of(lang) and row["kind"] == fact.attribute
+    arith = rows(corpus["eval_arith_trained"])
+    assert len(arith) >= 100
+    for row in arith:
+        (a, op, b), *_ = EQUATIONS.findall(row["conversations"][0]["content"])
+        assert split.allowed(WORDS.get(op, op), int(a), int(b))
+        assert row["answer"] == str(apply(int(a), WORDS.get(op, op), int(b)))
 
 
 def test_rlaif_answers_are_correct(corpus):

@@ -142,6 +142,49 @@ def test_transformers_loads_our_folder(ours_dir, ours):
     assert len(hf) == ours.vocab_size
 
 
+def test_split_digits_encodes_numbers_digit_by_digit(tmp_path):
+    # Numbers are frequent in this corpus, so without the option BPE merges them ("2026", " 12").
+    rng = random.Random(1)
+    texts = [
+        " ".join(
+            f"{rng.randint(0, 99)} + {rng.randint(0, 99)} = {rng.randint(0, 199)}"
+            for _ in range(20)
+        )
+        + " 2026年11月29日，数学12加35等于47。"
+        for _ in range(300)
+    ]
+    merged = load_tokenizer(train_tokenizer(texts, tmp_path / "a", 400, show_progress=False))
+    assert any(len(merged.decode([i])) > 1 for i in merged.encode("12 + 35 = 47"))
+    folder = train_tokenizer(texts, tmp_path / "b", 400, show_progress=False, split_digits=True)
+    split = load_tokenizer(folder)
+    text = "In 2026, 12 + 35 = 47; 数学12加35等于47。"
+    pieces = [split.decode([i]) for i in split.encode(text)]
+    assert "".join(pieces) == text
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("20261235471235" + "47")
+    assert split.fast is not None and split.fast.encode(text) == split.encode(text)
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(folder).encode(text) == split.encode(text)
+
+
+def test_cjk_chunk_bounds_chinese_tokens(tmp_path):
+    # A repetitive Chinese corpus: left alone, BPE learns whole clauses as single tokens.
+    rng = random.Random(2)
+    names, places = ["米拉", "托马斯", "莉娜", "费利克斯"], ["松谷镇", "石桥镇", "河湾镇"]
+    texts = [
+        "".join(f"{rng.choice(names)}住在{rng.choice(places)}。" for _ in range(10))
+        for _ in range(300)
+    ]
+    text = "费利克斯住在石桥镇。米拉住在河湾镇。"
+    for chunk in (None, 2):
+        folder = train_tokenizer(texts, tmp_path / str(chunk), 400, False, cjk_chunk=chunk)
+        tok = load_tokenizer(folder)
+        pieces = [tok.decode([i]) for i in tok.encode(text)]
+        assert "".join(pieces) == text
+        widest = max(len(p) for p in pieces)
+        assert widest <= 2 if chunk else widest >= 5, pieces
+        assert tok.fast is not None and tok.fast.encode(text) == tok.encode(text)
+
+
 def test_save_keeps_minimind2_config(reference, tmp_path):
     reference.save(tmp_path)
     saved, original = (

@@ -22,6 +22,10 @@ Files (the keys of the returned dict in brackets):
   evaluation (user question, empty assistant turn, gold `answer`, plus `lang` and `task`).
   Facts are every fact, asked with phrasings never used in training; arithmetic uses operand
   pairs that never occur in training.
+- `eval_facts_trained.jsonl`, `eval_arith_trained.jsonl` [eval_facts_trained,
+  eval_arith_trained]: the same questions in phrasings and on operand pairs that training does
+  use (memorisation), so a miss on the held-out files says whether the model failed to learn
+  or failed to generalise.
 
 Determinism: each file has its own `random.Random` seeded from (seed, file) strings, and no
 set or dict order that depends on PYTHONHASHSEED is iterated, so one seed gives byte-identical
@@ -61,6 +65,8 @@ FILE_NAMES = {
     "reasoning": "r1_mix_1024.jsonl",
     "eval_facts": "eval_facts.jsonl",
     "eval_arith": "eval_arith.jsonl",
+    "eval_facts_trained": "eval_facts_trained.jsonl",
+    "eval_arith_trained": "eval_arith_trained.jsonl",
 }
 # Size of each training file relative to pretrain_hq.jsonl, and its floor in records so that
 # even a tiny corpus has a usable number of examples.
@@ -185,12 +191,14 @@ class _Maker:
     def pretrain(self, rng: random.Random) -> dict[str, Any]:
         lang = rng.choice(LANGS)
         r = rng.random()
-        if r < 0.35:
+        if r < 0.45:
             text = self._fact_paragraph(rng, lang)
-        elif r < 0.75:
+        elif r < 0.65:
             text = self._story(rng, lang)
-        elif r < 0.95:
+        elif r < 0.82:
             text = self._drill(rng, lang)
+        elif r < 0.97:
+            text = self._faq(rng, lang)
         else:
             text = self._about(rng, lang)
         return {"text": text}
@@ -211,6 +219,18 @@ class _Maker:
             subject = rng.choice(self.facts).subject
             pool = [f for f in self.facts if f.subject == subject]
         return self._fill(rng, lang, lambda: self.statement(rng, rng.choice(pool), lang))
+
+    def _faq(self, rng: random.Random, lang: str) -> str:
+        # Question-answer text in pretraining ("mixed training", Allen-Zhu & Li, Physics of
+        # Language Models 3.1): facts stored while their questions are seen are far easier to
+        # extract later than facts seen only in statements. Training phrasings only.
+        q, a = {"en": ("Question: ", " Answer: "), "zh": ("问：", "答：")}[lang]
+
+        def one() -> str:
+            question, answer = self.qa(rng, lang)
+            return f"{q}{question}{a}{answer}"
+
+        return self._fill(rng, lang, one)
 
     def _drill(self, rng: random.Random, lang: str) -> str:
         def one() -> str:
@@ -490,35 +510,42 @@ class _Maker:
 
     # -------------------------------------------------- held-out evaluation
 
-    def eval_facts(self) -> list[dict[str, Any]]:
+    def eval_facts(self, rng: random.Random | None = None) -> list[dict[str, Any]]:
+        """Every fact in both languages, asked in the eval phrasings; with `rng`, in one
+        training phrasing each instead."""
         out = []
         for fact in self.facts:
             for lang in LANGS:
-                for template in EVAL_QUESTIONS[fact.attribute][lang]:
+                held = EVAL_QUESTIONS[fact.attribute][lang]
+                templates = [rng.choice(TRAIN_QUESTIONS[fact.attribute][lang])] if rng else held
+                for template in templates:
+                    question = render(template, fact, lang)
                     out.append(
-                        _eval_record(
-                            render(template, fact, lang), fact.value.of(lang), lang, "facts"
-                        )
+                        _eval_record(question, fact.value.of(lang), lang, "facts", fact.attribute)
                     )
         return out
 
-    def eval_arith(self) -> list[dict[str, Any]]:
+    def eval_arith(self, rng: random.Random | None = None) -> list[dict[str, Any]]:
+        """Held-out operand pairs (both orders); with `rng`, as many training pairs instead."""
         out = []
-        for op, pairs in self.arith.held_out.items():
+        for op, held in self.arith.held_out.items():
+            pairs = rng.sample(self.arith.train[op], len(held)) if rng else held
             for a, b in pairs:
                 for x, y in [(a, b)] if op == "-" or a == b else [(a, b), (b, a)]:
                     for lang in LANGS:
                         question = _arith_question(x, op, y, lang, 0)
-                        out.append(_eval_record(question, str(apply(x, op, y)), lang, "arith"))
+                        out.append(_eval_record(question, str(apply(x, op, y)), lang, "arith", op))
         return out
 
 
-def _eval_record(question: str, answer: str, lang: str, task: str) -> dict[str, Any]:
+def _eval_record(question: str, answer: str, lang: str, task: str, kind: str) -> dict[str, Any]:
+    # `kind` (the fact's attribute or the operation) lets a report give per-kind chance levels.
     return {
         "conversations": [_user(question), _assistant("")],
         "answer": answer,
         "lang": lang,
         "task": task,
+        "kind": kind,
     }
 
 
@@ -572,4 +599,7 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, size_mb: float = 3.0) 
         _write(paths[key], _generate(make, rng, int(target[key])))
     _write(paths["eval_facts"], [_line(r) for r in maker.eval_facts()])
     _write(paths["eval_arith"], [_line(r) for r in maker.eval_arith()])
+    rng = random.Random(f"minimind-demo:{seed}:eval_trained")
+    _write(paths["eval_facts_trained"], [_line(r) for r in maker.eval_facts(rng)])
+    _write(paths["eval_arith_trained"], [_line(r) for r in maker.eval_arith(rng)])
     return paths

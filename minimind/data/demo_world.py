@@ -1,13 +1,15 @@
 """The small invented world behind the demo corpus: entities, facts, phrasings, arithmetic.
 
-Owns: the bilingual vocabulary (24 people, 12 pets, 8 towns and their attribute values), the
+Owns: the bilingual vocabulary (12 people, 6 pets, 6 towns and their attribute values), the
 seeded assignment of facts (`build_world`), the sentence and question templates, and the split
 of small-number arithmetic into training and held-out operand pairs (`ArithSplit`).
 Does not own: writing files or choosing the mix of records (demo.py).
 
-Why it looks like this: a 1-3M parameter model can memorise a few hundred facts from a few MB
-of text, so the world is small (44 entities, about 200 facts) and every fact is said many
-times, in English and Chinese. Generalisation is measured on two held-out axes:
+Why it looks like this: a 2M-parameter model stores a fact only after hundreds of exposures
+spread over many optimizer steps (bench/RESULTS.md, "The demo recipe"). So the world is
+small (24 entities, 96 facts, each in English and Chinese), and every fact is stated in several
+phrasings that between them contain every relation word a question may use ("occupation",
+"home town", "prefers", ...). Generalisation is measured on two held-out axes:
 - facts are asked in eval with `EVAL_QUESTIONS`, templates that share no phrasing with
   `TRAIN_QUESTIONS` or with any training text;
 - arithmetic in eval uses operand pairs that no training text contains, in either order.
@@ -42,20 +44,14 @@ PEOPLE = (
     ("Otto", "奥托", False), ("Nina", "妮娜", True), ("Felix", "费利克斯", False),
     ("Rosa", "罗莎", True), ("Ivan", "伊万", False), ("Clara", "克拉拉", True),
     ("Hugo", "雨果", False), ("Ada", "艾达", True), ("Leo", "里奥", False),
-    ("Maya", "玛雅", True), ("Oscar", "奥斯卡", False), ("Iris", "艾瑞丝", True),
-    ("Bruno", "布鲁诺", False), ("Greta", "格蕾塔", True), ("Max", "马克斯", False),
-    ("Vera", "薇拉", True), ("Emil", "埃米尔", False), ("Tara", "塔拉", True),
-    ("Jonas", "约纳斯", False), ("Lucy", "露西", True), ("Sam", "山姆", False),
 )  # fmt: skip
 TOWNS = (
     Word("Pinevale", "松谷镇"), Word("Stonebridge", "石桥镇"), Word("Riverbend", "河湾镇"),
     Word("Maplefield", "枫田镇"), Word("Cloudhill", "云山镇"), Word("Sandport", "沙港镇"),
-    Word("Willowmere", "柳湖镇"), Word("Frostford", "霜渡镇"),
 )  # fmt: skip
 PETS = (
     Word("Pip", "皮普"), Word("Biscuit", "饼干"), Word("Shadow", "影子"), Word("Coco", "可可"),
-    Word("Pepper", "胡椒"), Word("Sunny", "阳光"), Word("Mochi", "麻薯"), Word("Bean", "豆豆"),
-    Word("Ziggy", "齐吉"), Word("Luna", "露娜"), Word("Tofu", "豆腐"), Word("Kiwi", "奇异果"),
+    Word("Pepper", "胡椒"), Word("Mochi", "麻薯"),
 )  # fmt: skip
 # Jobs and species all start with a consonant, so English templates can say "a {v}".
 JOBS = (
@@ -153,12 +149,12 @@ class World:
 def build_world(seed: int = 0) -> World:
     """Assign attributes to the fixed cast, reproducibly for a given seed.
 
-    Friendship is symmetric (people are paired), each town has three residents, every job is
-    held by two people, and half the people own one pet each.
+    Friendship is symmetric (people are paired), each town has two residents, every job is
+    held by one person, and half the people own one pet each.
 
     >>> w = build_world(0)
     >>> len(w.people), len(w.pets), len(w.towns), len(w.facts)
-    (24, 12, 8, 188)
+    (12, 6, 6, 96)
     >>> all(w.person(w.person(p.friend).friend) == p for p in w.people)
     True
     """
@@ -202,79 +198,101 @@ def build_world(seed: int = 0) -> World:
 # are used only by eval_facts.jsonl and must share no phrasing with anything in training.
 STATEMENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "job": {
-        "en": ("{s} is a {v}.", "{s} works as a {v}.", "By trade, {s} is a {v}."),
-        "zh": ("{s}是一名{v}。", "{s}的工作是{v}。", "{s}以当{v}为生。"),
+        "en": ("{s} is a {v}.", "{s} works as a {v}.", "By trade, {s} is a {v}.",
+               "{s}'s occupation is {v}.", "{s} earns a living as a {v}."),
+        "zh": ("{s}是一名{v}。", "{s}的工作是{v}。", "{s}以当{v}为生。", "{s}的职业是{v}。",
+               "{s}从事{v}这一行。"),
     },
     "age": {
-        "en": ("{s} is {v} years old.", "{s} is {v} this year."),
-        "zh": ("{s}今年{v}岁。", "{s}已经{v}岁了。"),
+        "en": ("{s} is {v} years old.", "{s} is {v} this year.", "The age of {s} is {v}."),
+        "zh": ("{s}今年{v}岁。", "{s}已经{v}岁了。", "{s}的年龄是{v}岁。"),
     },
     "town": {
-        "en": ("{s} lives in {v}.", "{s}'s home is in {v}.", "{s} comes from {v}."),
-        "zh": ("{s}住在{v}。", "{s}的家在{v}。", "{s}来自{v}。"),
+        "en": ("{s} lives in {v}.", "{s}'s home is in {v}.", "{s} comes from {v}.",
+               "{s}'s home town is {v}."),
+        "zh": ("{s}住在{v}。", "{s}的家在{v}。", "{s}来自{v}。", "{s}的家乡是{v}。"),
     },
     "food": {
-        "en": ("{s}'s favourite food is {v}.", "{s} loves {v} more than any other food."),
-        "zh": ("{s}最喜欢的食物是{v}。", "{s}最爱吃{v}。"),
+        "en": ("{s}'s favourite food is {v}.", "{s} loves {v} more than any other food.",
+               "The dish {s} enjoys eating most is {v}."),
+        "zh": ("{s}最喜欢的食物是{v}。", "{s}最爱吃{v}。", "{s}最爱的菜是{v}。"),
     },
     "colour": {
-        "en": ("{s}'s favourite colour is {v}.", "Of all colours, {s} likes {v} best."),
-        "zh": ("{s}最喜欢的颜色是{v}。", "在所有颜色里，{s}最喜欢{v}。"),
+        "en": ("{s}'s favourite colour is {v}.", "Of all colours, {s} likes {v} best.",
+               "The colour {s} prefers is {v}."),
+        "zh": ("{s}最喜欢的颜色是{v}。", "在所有颜色里，{s}最喜欢{v}。", "{s}偏爱{v}。"),
     },
     "friend": {
-        "en": ("{s}'s best friend is {v}.", "{s} and {v} are best friends."),
-        "zh": ("{s}最好的朋友是{v}。", "{s}和{v}是最好的朋友。"),
+        "en": ("{s}'s best friend is {v}.", "{s} and {v} are best friends.",
+               "{s} calls {v} a best friend."),
+        "zh": ("{s}最好的朋友是{v}。", "{s}和{v}是最好的朋友。", "{s}的挚友是{v}。"),
     },
     "species": {
-        "en": ("{s} is a {v}.", "{s} is a pet {v}."),
-        "zh": ("{s}是一只{v}。", "{s}是一只宠物{v}。"),
+        "en": ("{s} is a {v}.", "{s} is a pet {v}.", "By species, {s} is a {v}."),
+        "zh": ("{s}是一只{v}。", "{s}是一只宠物{v}。", "{s}这种动物是{v}。"),
     },
     "owner": {
-        "en": ("{s} belongs to {v}.", "{v} is the owner of {s}."),
-        "zh": ("{s}的主人是{v}。", "{v}养了{s}。"),
+        "en": ("{s} belongs to {v}.", "{v} is the owner of {s}.", "{s} is the pet of {v}."),
+        "zh": ("{s}的主人是{v}。", "{v}养了{s}。", "{s}是{v}的宠物。"),
     },
     "pet_colour": {
-        "en": ("{s} is {v}.", "The colour of {s} is {v}."),
-        "zh": ("{s}是{v}的。", "{s}的颜色是{v}。"),
+        "en": ("{s} is {v}.", "The colour of {s} is {v}.", "{s} has {v} fur."),
+        "zh": ("{s}是{v}的。", "{s}的颜色是{v}。", "{s}身上是{v}的。"),
     },
     "product": {
-        "en": ("{s} is famous for its {v}.", "People go to {s} to buy {v}."),
-        "zh": ("{s}以{v}闻名。", "人们去{s}买{v}。"),
+        "en": ("{s} is famous for its {v}.", "People go to {s} to buy {v}.",
+               "{s} is known for its {v}."),
+        "zh": ("{s}以{v}闻名。", "人们去{s}买{v}。", "{s}的特产是{v}。"),
     },
-}
+}  # fmt: skip
+# Several phrasings per question, so SFT teaches "the relation word decides the answer", not
+# one template; the eval phrasings below use relation words that only the statements contain.
 TRAIN_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "job": {
-        "en": ("What is {s}'s job?", "What does {s} do for a living?"),
-        "zh": ("{s}的工作是什么？", "{s}是做什么工作的？"),
+        "en": ("What is {s}'s job?", "What does {s} do for a living?", "What is {s}'s trade?",
+               "What work does {s} do?"),
+        "zh": ("{s}的工作是什么？", "{s}是做什么工作的？", "{s}靠什么为生？", "{s}做哪一行？"),
     },
-    "age": {"en": ("How old is {s}?", "What age is {s}?"), "zh": ("{s}多大了？", "{s}今年几岁？")},
+    "age": {
+        "en": ("How old is {s}?", "What age is {s}?", "How many years old is {s}?"),
+        "zh": ("{s}多大了？", "{s}今年几岁？", "{s}今年多少岁？"),
+    },
     "town": {
-        "en": ("Where does {s} live?", "Which town is {s} from?"),
-        "zh": ("{s}住在哪里？", "{s}来自哪个镇？"),
+        "en": ("Where does {s} live?", "Which town is {s} from?", "Where is the home of {s}?"),
+        "zh": ("{s}住在哪里？", "{s}来自哪个镇？", "{s}的家在哪里？"),
     },
     "food": {
-        "en": ("What is {s}'s favourite food?", "What food does {s} love most?"),
-        "zh": ("{s}最喜欢的食物是什么？", "{s}最爱吃什么？"),
+        "en": ("What is {s}'s favourite food?", "What food does {s} love most?",
+               "What does {s} like to eat best?"),
+        "zh": ("{s}最喜欢的食物是什么？", "{s}最爱吃什么？", "{s}最喜欢吃什么？"),
     },
     "colour": {
-        "en": ("What is {s}'s favourite colour?", "Which colour does {s} like best?"),
-        "zh": ("{s}最喜欢的颜色是什么？", "{s}最喜欢什么颜色？"),
+        "en": ("What is {s}'s favourite colour?", "Which colour does {s} like best?",
+               "What colour does {s} love most?"),
+        "zh": ("{s}最喜欢的颜色是什么？", "{s}最喜欢什么颜色？", "{s}最爱什么颜色？"),
     },
     "friend": {
-        "en": ("Who is {s}'s best friend?", "Who is the best friend of {s}?"),
-        "zh": ("{s}最好的朋友是谁？", "谁是{s}最好的朋友？"),
+        "en": ("Who is {s}'s best friend?", "Who is the best friend of {s}?",
+               "Who is {s} best friends with?"),
+        "zh": ("{s}最好的朋友是谁？", "谁是{s}最好的朋友？", "{s}和谁是最好的朋友？"),
     },
     "species": {
-        "en": ("What kind of animal is {s}?", "What animal is {s}?"),
-        "zh": ("{s}是什么动物？", "{s}是哪种动物？"),
+        "en": ("What kind of animal is {s}?", "What animal is {s}?", "What sort of pet is {s}?"),
+        "zh": ("{s}是什么动物？", "{s}是哪种动物？", "{s}是一只什么宠物？"),
     },
     "owner": {
-        "en": ("Who owns {s}?", "Who is the owner of {s}?"),
-        "zh": ("{s}的主人是谁？", "谁养了{s}？"),
+        "en": ("Who owns {s}?", "Who is the owner of {s}?", "Which person owns {s}?"),
+        "zh": ("{s}的主人是谁？", "谁养了{s}？", "{s}是谁养的？"),
     },
-    "pet_colour": {"en": ("What colour is {s}?",), "zh": ("{s}是什么颜色的？",)},
-    "product": {"en": ("What is {s} famous for?",), "zh": ("{s}以什么闻名？",)},
-}
+    "pet_colour": {
+        "en": ("What colour is {s}?", "What is the colour of {s}?"),
+        "zh": ("{s}是什么颜色的？", "{s}的颜色是什么？"),
+    },
+    "product": {
+        "en": ("What is {s} famous for?", "What do people buy in {s}?"),
+        "zh": ("{s}以什么闻名？", "人们去{s}买什么？"),
+    },
+}  # fmt: skip
 EVAL_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "job": {"en": ("Could you tell me {s}'s occupation?",), "zh": ("{s}从事什么职业？",)},
     "age": {"en": ("Tell me the age of {s}.",), "zh": ("{s}的年龄是多少？",)},

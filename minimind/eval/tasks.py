@@ -38,6 +38,21 @@ def score(answer: str, gold: str) -> bool:
     return gold in answer
 
 
+def chance_level(rows: Sequence[dict]) -> float:
+    """Expected accuracy of guessing: each row's gold drawn uniformly from the distinct golds
+    of rows of its own `task`/`kind`/`lang` (rows as read from a demo eval file).
+
+    >>> rows = [{"answer": a, "kind": "job"} for a in ("baker", "doctor", "baker", "potter")]
+    >>> round(chance_level(rows), 3)
+    0.333
+    """
+    golds: dict[tuple, set[str]] = {}
+    for r in rows:
+        golds.setdefault((r.get("task"), r.get("kind"), r.get("lang")), set()).add(r["answer"])
+    keys = [(r.get("task"), r.get("kind"), r.get("lang")) for r in rows]
+    return sum(1 / len(golds[k]) for k in keys) / max(len(rows), 1)
+
+
 @dataclass
 class Accuracy:
     correct: int = 0
