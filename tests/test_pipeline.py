@@ -17,14 +17,15 @@ def logged_losses(run_dir) -> list[float]:
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end(tmp_path, capsys):
     recipe = Recipe(size_mb=0.3, vocab_size=600)
-    result = run(tmp_path, recipe=recipe, max_steps=50, eval_limit=8)
+    result = run(tmp_path, recipe=recipe, max_steps=100, eval_limit=8)
     assert result["hf_max_abs_diff"] < 1e-4
     assert result["chars_per_token"] > 1.2  # BPE merges beat one byte per token
     assert (tmp_path / "out" / "full_sft_192" / "model.safetensors").is_file()
-    # Both stages learn: the loss falls from the first logged value to the last.
+    # Both stages learn: the loss falls from the first logged values (steps 25, 50) to the last
+    # (75, 100); pairs, because one batch of 8 rows is a noisy sample.
     for stage in ("pretrain", "sft"):
         losses = logged_losses(tmp_path / "checkpoints" / stage)
-        assert len(losses) >= 2 and losses[-1] < losses[0], (stage, losses)
+        assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2]), (stage, losses)
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "all files valid" in out
     # Every task is scored and printed with its chance level (8 questions each here).
