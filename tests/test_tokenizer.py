@@ -235,6 +235,18 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     assert load_tokenizer(tmp_path / "tok").encode("你好") != []
 
 
+def test_command_line_passes_the_piece_options(tmp_path):
+    from minimind.data.commands import tokenizer_train_main
+
+    data = tmp_path / "pretrain.jsonl"
+    texts = [t + " 2026 年 123" for t in corpus(200)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    argv = ["--data_path", str(data), "--vocab_size", "500", "--out_dir", str(tmp_path / "tok")]
+    assert tokenizer_train_main([*argv, "--split_digits", "--cjk_chunk", "1"]) == 0
+    tok = load_tokenizer(tmp_path / "tok")
+    assert [tok.decode([i]) for i in tok.encode("你好2026")] == ["你", "好", "2", "0", "2", "6"]
+
+
 def test_imports_stay_at_the_bottom():
     # The tokenizer package sits under everything else and never needs torch or transformers.
     code = (

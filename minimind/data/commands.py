@@ -74,6 +74,8 @@ def tokenizer_train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--out_dir", type=Path, default=paths.home() / "model" / "tokenizer")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="raise")
+    parser.add_argument("--split_digits", action="store_true", help="numbers digit by digit")
+    parser.add_argument("--cjk_chunk", type=int, help="no token spans more Chinese characters")
     args = parser.parse_args(argv)
     held_out: list[str] = []
 
@@ -85,7 +87,13 @@ def tokenizer_train_main(argv: list[str] | None = None) -> int:
                 yield text
 
     try:
-        out = train_tokenizer(training_texts(), args.out_dir, vocab_size=args.vocab_size)
+        out = train_tokenizer(
+            training_texts(),
+            args.out_dir,
+            vocab_size=args.vocab_size,
+            split_digits=args.split_digits,
+            cjk_chunk=args.cjk_chunk,
+        )
     except DataError as err:
         print(f"error: {err}")
         return 1

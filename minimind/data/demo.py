@@ -19,7 +19,8 @@ Files (the keys of the returned dict in brackets):
 - `r1_mix_1024.jsonl` [reasoning]: `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` replies:
   sums, chains of sums, fact lookups and two-step lookups.
 - `eval_facts.jsonl`, `eval_arith.jsonl` [eval_facts, eval_arith]: rlaif-format held-out
-  evaluation (user question, empty assistant turn, gold `answer`, plus `lang` and `task`).
+  evaluation (user question, empty assistant turn, gold `answer`, plus `lang`, `task` and
+  `kind`, the fact's attribute or the operation).
   Facts are every fact, asked with phrasings never used in training; arithmetic uses operand
   pairs that never occur in training.
 - `eval_facts_trained.jsonl`, `eval_arith_trained.jsonl` [eval_facts_trained,

@@ -46,10 +46,10 @@ def chance_level(rows: Sequence[dict]) -> float:
     >>> round(chance_level(rows), 3)
     0.333
     """
-    golds: dict[tuple, set[str]] = {}
-    for r in rows:
-        golds.setdefault((r.get("task"), r.get("kind"), r.get("lang")), set()).add(r["answer"])
     keys = [(r.get("task"), r.get("kind"), r.get("lang")) for r in rows]
+    golds: dict[tuple, set[str]] = {}
+    for key, r in zip(keys, rows, strict=True):
+        golds.setdefault(key, set()).add(r["answer"])
     return sum(1 / len(golds[k]) for k in keys) / max(len(rows), 1)
 
 
