@@ -42,7 +42,7 @@ class Recipe:
     size_mb: float = 3.0  # demo pretrain text; the other files scale with it
     vocab_size: int = 2048
     split_digits: bool = True  # numbers encode digit by digit (tokenizer/train.py)
-    cjk_chunk: int = 0  # >0: no token spans more Chinese characters (tokenizer/train.py)
+    cjk_chunk: int = 2  # no token spans more Chinese characters (0: off; tokenizer/train.py)
     seq_len: int = 256  # SFT rows (longer conversations are truncated)
     pretrain_seq_len: int = 128  # packed windows; demo texts are under 512 characters
     pretrain_epochs: int = 3
