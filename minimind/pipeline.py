@@ -149,7 +149,7 @@ def run(
         ckpt = trainer.export(
             workdir / "out" / f"{'full_sft' if name == 'sft' else name}_{config.hidden_size}"
         )
-        _done(t0, f"{trainer.step} steps, eval loss {trainer.evaluate():.3f}; {ckpt}")
+        _done(t0, f"{trainer.step} steps, eval loss {trainer.evaluate()['eval_loss']:.3f}; {ckpt}")
     model.eval()
 
     t0 = _step("6. checkpoint: reload strictly")

@@ -81,13 +81,20 @@ def test_resume_with_another_model_is_refused_and_nothing_is_written(data, tmp_p
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_resume_is_bit_identical(data, tmp_path):
-    steps = 12
-    reference = weights(train(tmp_path / "ref", data["pretrain"], steps, resume=False))
+@pytest.mark.parametrize("kind", ["pretrain", "dpo", "grpo"])
+def test_sigkill_anywhere_then_resume_is_bit_identical(data, tmp_path, kind):
+    # dpo: the reference must stay the start model; grpo: rollouts are seeded by (seed, step,
+    # rank, data index), so the resumed run samples the same completions.
+    steps = 12 if kind != "grpo" else 8
+    shards = data["rlaif" if kind == "grpo" else kind]
     run = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("MINIMIND_KILL_SEED", time.time_ns() % 10_000)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(WORKER), str(run), str(data["pretrain"]), str(steps)]
+    cmd = [sys.executable, str(WORKER), str(run), str(shards), str(steps), kind]
+    # The reference runs in a worker process too: the same thread count, so the same float
+    # reduction order in every kernel.
+    subprocess.run([*cmd[:2], str(tmp_path / "ref"), *cmd[3:]], check=True, env=env)
+    reference = weights(tmp_path / "ref" / f"step_{steps:08d}")
     kills = 0
     for _ in range(4):
         proc = subprocess.Popen(

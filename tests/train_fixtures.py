@@ -1,6 +1,7 @@
-"""Tiny data for training tests: a demo corpus, a small tokenizer, prepared shards; and a
-worker entry point (`python tests/train_fixtures.py RUN_DIR SHARDS STEPS`) that the kill test
-starts, SIGKILLs and restarts."""
+"""Tiny data for training tests: a demo corpus, a small tokenizer, prepared shards of every
+kind; the tiny stages built on them (`make_stage`); and a worker entry point
+(`python tests/train_fixtures.py RUN_DIR SHARDS STEPS [KIND]`) that the kill test starts,
+SIGKILLs and restarts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from minimind.model import MiniMindForCausalLM, preset
 from minimind.tokenizer import train_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
+from minimind.train.stages.dpo import DPOStage
+from minimind.train.stages.grpo import GRPOStage
 from minimind.train.stages.pretrain import PretrainStage
+from minimind.train.stages.sft import SFTStage
 
 SEQ = 32
 
@@ -25,7 +29,7 @@ def make_data(root: Path) -> dict[str, Path]:
     texts = [line for line in files["pretrain"].read_text("utf-8").splitlines()]
     tok = train_tokenizer(texts, root / "tok", vocab_size=400, show_progress=False)
     out = {"tokenizer": tok}
-    for kind in ("pretrain", "sft"):
+    for kind in ("pretrain", "sft", "dpo", "rlaif"):
         prepare(
             files[kind],
             tok,
@@ -36,12 +40,26 @@ def make_data(root: Path) -> dict[str, Path]:
     return out
 
 
+def make_stage(kind: str, shards: Path, **kw):
+    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo or grpo)."""
+    if kind == "pretrain":
+        return PretrainStage(shards, SEQ, **{"max_eval": 4, **kw})
+    if kind == "sft":
+        return SFTStage(shards, 96, **{"max_eval": 4, **kw})
+    if kind == "dpo":
+        return DPOStage(shards, 96, **{"max_eval": 8, **kw})
+    if kind == "grpo":
+        kw = {"num_generations": 4, "max_gen_len": 8, "max_eval": 4, "beta": 0.1, **kw}
+        return GRPOStage(shards, **kw)
+    raise ValueError(kind)
+
+
 def tiny_model(vocab: int = 400, **kw) -> MiniMindForCausalLM:
     torch.manual_seed(0)
     return MiniMindForCausalLM(preset("tiny", vocab_size=vocab, **kw))
 
 
-def train(run_dir, shards, steps, resume=True, **kw) -> Path:
+def train(run_dir, shards, steps, resume=True, kind="pretrain", **kw) -> Path:
     config = TrainConfig(
         out_dir=str(run_dir),
         max_steps=steps,
@@ -54,10 +72,12 @@ def train(run_dir, shards, steps, resume=True, **kw) -> Path:
         learning_rate=1e-2,
         **kw,
     )
-    trainer = Trainer(config, PretrainStage(shards, SEQ, max_eval=4), tiny_model(dropout=0.1))
-    return trainer.fit()
+    stage = make_stage(kind, Path(shards))
+    tok = Path(shards).parent / "tok"
+    return Trainer(config, stage, tiny_model(dropout=0.1), tokenizer_dir=tok).fit()
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    train(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    kind = sys.argv[4] if len(sys.argv) > 4 else "pretrain"
+    train(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), kind=kind)

@@ -3,24 +3,22 @@
 Owns `score` (pure: is a free-text answer correct?) and `answer_accuracy` (greedy batched
 generation through minimind.infer, then `score`). Questions come as rlaif records with an
 `answer` field (minimind.data.formats.RLAIFRecord), the format of the demo corpus's eval
-splits, so the same scorer can later serve as a verifiable RL reward.
+splits; `score` is the RL stages' verifiable reward (minimind.train.rewards), not a copy.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
 
 def score(answer: str, gold: str) -> bool:
-    """True when `answer` states `gold`.
+    """True when `answer` states `gold`: the RL stages' verifiable reward
+    (minimind.train.rewards.answer_match), so evaluation and reward agree by construction.
 
     A numeric gold must be the LAST number of the answer (so echoing the question's operands
-    does not count); a gold in Latin script must appear as a whole word, case-insensitively;
-    otherwise (e.g. Chinese) as a substring.
+    does not count); any other gold must appear as a whole word, case-insensitively (Chinese:
+    as a substring). A reply in the `<answer>` layout is judged on its answer block.
 
     >>> score("17 - 9 = 8.", "8"), score("17 - 9 = 9.", "8"), score("8 + 1 = 9", "8")
     (True, False, False)
@@ -29,13 +27,9 @@ def score(answer: str, gold: str) -> bool:
     >>> score("薇拉的工作是陶艺师。", "陶艺师")
     True
     """
-    gold = gold.strip()
-    if _NUMBER.fullmatch(gold):
-        numbers = _NUMBER.findall(answer)
-        return bool(numbers) and float(numbers[-1]) == float(gold)
-    if gold.isascii():
-        return re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", answer, re.IGNORECASE) is not None
-    return gold in answer
+    from minimind.train.rewards import Sample, answer_match
+
+    return answer_match([Sample([], answer, gold)])[0] == 1.0
 
 
 def chance_level(rows: Sequence[dict]) -> float:

@@ -67,6 +67,13 @@ class GenerationConfig:
     # Execution, not choice: decode steps through torch.compile (steps.py). Same tokens up to
     # float reassociation; the first call compiles (tens of seconds on a CPU).
     compile: bool = False
+    # fuse=False never touches parameter storage (decoding from a model being trained, see
+    # MiniMindForCausalLM.new_cache); same tokens, a little slower.
+    fuse: bool = True
+    # Also return each chosen token's log-probability under the distribution it was sampled
+    # from before top-k/top-p and penalties: log_softmax(logits / temperature), or of the
+    # raw logits when greedy (Step.logprobs, Completion.logprobs). For RL rollouts.
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -100,11 +107,13 @@ class GenerationConfig:
 
 class Completion(list):
     """One row's generated token ids (a plain list[int]) plus `finish_reason`: "stop" when it
-    ended on a stop token (the last id), "length" when it ran out of budget."""
+    ended on a stop token (the last id), "length" when it ran out of budget; and `logprobs`
+    (one float per token) when GenerationConfig.logprobs was set."""
 
     def __init__(self, tokens: Sequence[int] = (), finish_reason: str | None = None):
         super().__init__(tokens)
         self.finish_reason = finish_reason
+        self.logprobs: list[float] | None = None
 
     def __repr__(self) -> str:
         return f"Completion({list(self)!r}, finish_reason={self.finish_reason!r})"
@@ -120,6 +129,7 @@ class Step:
 
     tokens: list[int | None]
     finish_reasons: list[str | None]
+    logprobs: list[float | None] | None = None  # when GenerationConfig.logprobs
 
 
 def stop_token_ids(cfg: GenerationConfig, eos_token_id: int) -> tuple[int, ...]:
@@ -273,7 +283,7 @@ def _decode(
     device = ids.device
     b, t = ids.shape
     stop_ids = stop_token_ids(cfg, mcfg.eos_token_id)
-    stepper = Stepper(model, b, t, budget, compile=cfg.compile)
+    stepper = Stepper(model, b, t, budget, compile=cfg.compile, fuse=cfg.fuse)
     chooser = TokenChooser(cfg, ids, mask, mcfg.vocab_size, stop_ids)
     stop_set = set(stop_ids)
 
@@ -286,18 +296,25 @@ def _decode(
 
         tokens: list[int | None] = [None] * b
         reasons: list[str | None] = [None] * b
+        logprobs: list[float | None] | None = None
+        if cfg.logprobs:
+            scaled = logits.float() / cfg.temperature if cfg.temperature > 0 else logits.float()
+            lp = (scaled.gather(1, tok[:, None]).squeeze(1) - scaled.logsumexp(-1)).tolist()
+            logprobs = [None] * b
         keep = []  # cache rows that go on
         for j, token in enumerate(tok.tolist()):
             if rows[j] is None:
                 continue
             tokens[rows[j]] = token
+            if logprobs is not None:
+                logprobs[rows[j]] = lp[j]
             if token in stop_set:
                 reasons[rows[j]] = "stop"
             elif step == budget - 1:
                 reasons[rows[j]] = "length"
             else:
                 keep.append(j)
-        yield Step(tokens, reasons)
+        yield Step(tokens, reasons, logprobs)
         if not keep:
             return
 
@@ -327,9 +344,14 @@ def generate(
     """
     out = [Completion() for _ in prompts]
     for step in stream(model, prompts, config, **overrides):
-        for completion, token, reason in zip(out, step.tokens, step.finish_reasons):
+        lps = step.logprobs if step.logprobs is not None else [None] * len(out)
+        for completion, token, reason, lp in zip(out, step.tokens, step.finish_reasons, lps):
             if token is not None:
                 completion.append(token)
+                if lp is not None:
+                    if completion.logprobs is None:
+                        completion.logprobs = []
+                    completion.logprobs.append(lp)
             if reason is not None:
                 completion.finish_reason = reason
     return out

@@ -72,6 +72,7 @@ class Stepper:
         prompt_len: int,
         budget: int,
         compile: bool = False,
+        fuse: bool = True,
     ):
         self.model, self.compile = model, compile
         self.limit = prompt_len + budget  # the most slots this call can fill
@@ -81,7 +82,7 @@ class Stepper:
         else:
             capacity = min(self.limit, _round_up(prompt_len + CHUNK))
             self._step = model.decode_step
-        self.cache = model.new_cache(batch, capacity, static=True)
+        self.cache = model.new_cache(batch, capacity, static=True, fuse=fuse)
         self.drops_rows = not compile
         self._guarded = False  # compiled: has a step run with full guard evaluation yet
 

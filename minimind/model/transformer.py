@@ -201,12 +201,18 @@ class MiniMindForCausalLM(nn.Module):
         max_len: int,
         dtype: torch.dtype | None = None,
         static: bool = False,
+        fuse: bool = True,
     ):
         """A KV cache for this model; static=True gives a StaticKVCache for decode_step.
 
         Decoding is about to start, so the input-sharing projections are fused here (see
-        layers.InputGroup; a no-op when they already are)."""
-        self.fuse_projections()
+        layers.InputGroup; a no-op when they already are). fuse=False instead drops any fused
+        buffer and leaves every parameter's storage as it is: decoding from a model that is
+        being trained (rollouts), whose parameters the optimizer, DDP or FSDP hold."""
+        if fuse:
+            self.fuse_projections()
+        else:
+            self.unfuse_projections()
         cls = StaticKVCache if static else KVCache
         cache = cls.for_model(self, batch_size, max_len, dtype)
         if static:
@@ -220,6 +226,13 @@ class MiniMindForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, InputGroup):
                 module.fuse()
+
+    def unfuse_projections(self) -> None:
+        """Run each projection on its own again; parameter storage is not touched."""
+        self._fused = False
+        for module in self.modules():
+            if isinstance(module, InputGroup):
+                module._fused_weight = None
 
     def _apply(self, fn, recurse=True):
         # .to()/.half()/... give the parameters new storage: fuse again if fused before.

@@ -1,9 +1,11 @@
-"""`minimind train pretrain|sft|lora` and MiniMind's `trainer/train_*.py`: flags -> a run.
+"""`minimind train STAGE` and MiniMind's `trainer/train_*.py`: flags -> a run.
 
-Owns the mapping from MiniMind's command-line flags to ModelConfig, TrainConfig and a stage,
-and the resolution of names to files: `--data_path` (a jsonl file, prepared into token shards
+Owns the flags every stage shares (MiniMind's names) and their mapping to ModelConfig and
+TrainConfig, and the resolution of names to files: `--data_path` (a jsonl file, prepared into token shards
 once and cached, or an already prepared shards folder), `--tokenizer`, `--from_weight`
-(a name under out/ or a path) and `--save_weight`. The loop itself is engine.py's.
+(a name under out/ or a path) and `--save_weight`. A stage's own flags, its defaults for the
+shared ones and its construction live in its file (stages/, `Stage.add_flags`, `defaults`,
+`from_args`); the loop itself is engine.py's.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ import torch
 
 from minimind import paths
 
-STAGES = ("pretrain", "sft", "lora")
-DEFAULT_DATA = {
-    "pretrain": "pretrain_hq.jsonl",
-    "sft": "sft_mini_512.jsonl",
-    "lora": "lora_identity.jsonl",
+# The shared flags' defaults; a stage's `defaults` override them.
+COMMON_DEFAULTS = {
+    "max_seq_len": 512,
+    "batch_size": 32,
+    "accumulation_steps": 1,
+    "learning_rate": 5e-5,
+    "epochs": 1,
 }
-DEFAULT_SAVE = {"pretrain": "pretrain", "sft": "full_sft", "lora": "lora_identity"}
-DEFAULT_FROM = {"pretrain": "none", "sft": "pretrain", "lora": "full_sft"}
+
+
+def stages() -> dict:
+    """{name: Stage class} of every registered stage, in pipeline order."""
+    from .stages import REGISTRY
+
+    return dict(sorted(REGISTRY.items(), key=lambda item: (item[1].order, item[0])))
 
 
 class UsageError(Exception):
@@ -31,14 +40,17 @@ class UsageError(Exception):
 
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
+    cls = stages()[stage]
+    d = {**COMMON_DEFAULTS, **cls.defaults}
     p = argparse.ArgumentParser(
-        prog=f"minimind train {stage}", description=f"MiniMind {stage} training."
+        prog=f"minimind train {stage}",
+        description=f"MiniMind {stage} training: {cls.help}" if cls.help else None,
     )
     a = p.add_argument
     a(
         "--data_path",
         default=None,
-        help=f"jsonl file or prepared shards folder (default: dataset/{DEFAULT_DATA[stage]})",
+        help=f"jsonl file or prepared shards folder (default: dataset/{d['data_path']})",
     )
     a(
         "--tokenizer",
@@ -51,21 +63,21 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         help="run folder for step checkpoints (default: checkpoints/{save_weight}_{hidden})",
     )
     a("--save_dir", default=None, help="where the final weights go (default: out/)")
-    a("--save_weight", default=DEFAULT_SAVE[stage], help="name of the final weights")
-    a("--from_weight", default=DEFAULT_FROM[stage], help="'none', a name under out/, or a path")
+    a("--save_weight", default=d["save_weight"], help="name of the final weights")
+    a("--from_weight", default=d["from_weight"], help="'none', a name under out/, or a path")
     a("--save_pth", type=int, default=1, help="also write MiniMind's out/{name}_{hidden}.pth (1/0)")
     # model (MiniMind's flags; used when starting from scratch)
     a("--preset", default=None, help="a named preset (minimind presets) instead of the size flags")
     a("--hidden_size", type=int, default=512)
     a("--num_hidden_layers", type=int, default=8)
     a("--use_moe", type=int, default=0)
-    a("--max_seq_len", type=int, default=340 if stage == "pretrain" else 512)
+    a("--max_seq_len", type=int, default=d["max_seq_len"])
     # loop
-    a("--epochs", type=int, default=1)
+    a("--epochs", type=int, default=d["epochs"])
     a("--max_steps", type=int, default=None)
-    a("--batch_size", type=int, default=32)
-    a("--accumulation_steps", type=int, default=1 if stage != "pretrain" else 8)
-    a("--learning_rate", type=float, default={"pretrain": 5e-4, "sft": 5e-5, "lora": 1e-4}[stage])
+    a("--batch_size", type=int, default=d["batch_size"])
+    a("--accumulation_steps", type=int, default=d["accumulation_steps"])
+    a("--learning_rate", type=float, default=d["learning_rate"])
     a("--min_lr_ratio", type=float, default=0.1)
     a("--warmup_ratio", type=float, default=0.0)
     a("--weight_decay", type=float, default=0.1)
@@ -89,11 +101,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--wandb_project", default="MiniMind")
     a("--tensorboard", action="store_true")
     a("--peak_tflops", type=float, default=None, help="device peak for the MFU estimate")
-    if stage == "lora":
-        a("--lora_rank", type=int, default=8)
-        a("--lora_alpha", type=float, default=16.0)
-        a("--lora_dropout", type=float, default=0.0)
-        a("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    cls.add_flags(p.add_argument_group(f"{stage} options"))
     return p
 
 
@@ -129,14 +137,15 @@ def resolve_data(stage: str, spec: str | None, tokenizer_dir: Path, max_seq_len:
     from minimind.data.prepare import prepare
     from minimind.data.shards import Shards
 
-    path = Path(spec) if spec else paths.dataset_dir() / DEFAULT_DATA[stage]
+    cls = stages()[stage]
+    path = Path(spec) if spec else paths.dataset_dir() / cls.defaults["data_path"]
     if path.is_dir() and (path / "meta.json").is_file():
         return path
     if not path.is_file():
         raise UsageError(
             f"no training data at {path}. Generate the offline demo corpus with "
             f"`minimind data demo --out {path.parent}`, or fetch MiniMind's public files with "
-            f"`minimind data download {DEFAULT_DATA[stage]}`."
+            f"`minimind data download {cls.defaults['data_path']}`."
         )
     cache = (
         paths.home()
@@ -144,7 +153,7 @@ def resolve_data(stage: str, spec: str | None, tokenizer_dir: Path, max_seq_len:
         / "shards"
         / f"{path.stem}-{stage}-{max_seq_len}-{tokenizer_dir.name}"
     )
-    prepare(path, tokenizer_dir, cache, max_seq_len=None if stage == "pretrain" else max_seq_len)
+    prepare(path, tokenizer_dir, cache, max_seq_len=max_seq_len if cls.prepare_cuts else None)
     Shards(cache)  # fail here, not in the loop, if the folder is unreadable
     return cache
 
@@ -197,7 +206,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
     world = setup(args.device)
     with main_first(world):  # rank 0 prepares the shard cache; the others then find it complete
         shards = resolve_data(stage_name, args.data_path, tok_dir, args.max_seq_len)
-    stage = _stage(stage_name, args, shards)
+    stage = stages()[stage_name].from_args(args, shards)
     name = weight_name(args.save_weight, model.config)
     tracker = "wandb" if args.use_wandb else "swanlab" if args.use_swanlab else None
     config = TrainConfig(
@@ -255,37 +264,20 @@ def _tokenizer_dir(args, save_dir: Path) -> Path:
     return default
 
 
-def _stage(name: str, args, shards: Path):
-    if name == "pretrain":
-        from .stages.pretrain import PretrainStage
-
-        return PretrainStage(shards, args.max_seq_len)
-    if name == "sft":
-        from .stages.sft import SFTStage
-
-        return SFTStage(shards, args.max_seq_len)
-    from minimind.model.lora import LoRAConfig
-
-    from .stages.lora import LoRAStage
-
-    lora = LoRAConfig(
-        r=args.lora_rank,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        target_modules=tuple(args.lora_targets.split(",")),
-    )
-    return LoRAStage(shards, args.max_seq_len, lora)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`minimind train STAGE [flags]`."""
     from minimind.checkpoint import CheckpointError
     from minimind.data.formats import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: minimind train {{{','.join(STAGES)}}} [--help]", file=sys.stderr)
-        return 2
+    known = stages()
+    if not argv or argv[0] not in known:
+        width = max(len(n) for n in known)
+        lines = [f"  {n:<{width}}  {cls.help}" for n, cls in known.items()]
+        text = "usage: minimind train STAGE [--help]\n\nstages:\n" + "\n".join(lines)
+        asks_help = bool(argv) and argv[0] in ("-h", "--help")
+        print(text, file=sys.stdout if asks_help else sys.stderr)
+        return 0 if asks_help else 2
     try:
         run(argv[0], argv[1:])
     except (UsageError, DataError, CheckpointError, ValueError) as err:

@@ -1,8 +1,8 @@
 """THE training loop, shared by every stage: devices, DDP/FSDP2, precision, accumulation,
 clipping, schedule, evaluation, logging, checkpoints and exact resume.
 
-A stage (stage.py) gives datasets, collation and a loss; this file does everything else, and
-knows nothing of tokens, chat templates or preference pairs.
+A stage (stage.py) gives datasets, collation, experience and a loss; this file does
+everything else, and knows nothing of tokens, chat templates, preference pairs or rewards.
 
 Decisions:
 - Loss normalisation: each micro-batch's summed loss is divided by the number of loss units
@@ -14,9 +14,15 @@ Decisions:
   AdamW (Loshchilov & Hutter 2019), fused on CUDA and CPU.
 - Master weights are fp32; bf16/fp16 come from autocast (fp16 with a gradient scaler).
 - The schedule is a function of global samples seen, so it survives a change of world size.
+  Samples are dataset items as the stage counts them (`num_samples`): a DPO pair, a prompt
+  with its G completions.
+- A step: the stage's experience hook on every micro-batch (no_grad: rollouts, rewards,
+  reference log-probs), then one or more optimizer updates (`Stage.updates`: PPO's epochs over
+  minibatches), all at the step's learning rate. The sampler advances once per step.
 - Exact resume: a step checkpoint holds weights (fp32), optimizer state (as a full,
   FQN-keyed state dict, so it loads under DDP, FSDP2 or one process), the sampler position in
-  global samples, counters, the tracker run id and every process's RNG states. The DataLoader
+  global samples, counters, the tracker run id, the stage's state (`Stage.state_dict`) and
+  every process's RNG states. The DataLoader
   gets its own generator, so building one never draws from the global RNG. At the same world
   size a resumed run is bit-identical to an uninterrupted one on CPU; at another world size it
   continues at the exact next sample.
@@ -53,8 +59,9 @@ from minimind.data.sampler import ResumableSampler
 
 from . import distributed as D
 from .config import TrainConfig
+from .policy import Policy
 from .schedule import lr_at
-from .stage import Stage
+from .stage import Stage, StageContext
 from .state import (
     check_compatible,
     rng_state,
@@ -153,6 +160,16 @@ class Trainer:
                 load_weights(model, weights, str(self.resume_from))
         self.wrapped = D.wrap(model, world, cfg.fsdp)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.ctx = StageContext(
+            world=world,
+            dtype=cfg.dtype,
+            tokenizer_dir=Path(self.tokenizer_dir) if self.tokenizer_dir else None,
+            seed=cfg.seed,
+            autocast=self._autocast,
+            policy=Policy(model, self._autocast, fsdp=cfg.fsdp),
+            trained=model,
+        )
+        self.stage.setup(self.ctx)
         # The fused kernel exists for CUDA and CPU (about 4x faster than the per-tensor loop on
         # CPU: 3 vs 15 ms per step for the demo model); other devices take the default.
         self.optimizer = torch.optim.AdamW(
@@ -195,6 +212,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.stage.load_state_dict(state.get("stage") or {})
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.tracker_run_id = state.get("tracker_run_id")
         rngs = state["rng"]
@@ -220,7 +238,7 @@ class Trainer:
             start_step=self.step,
         )
         self.tracker_run_id = self.tracker.run_id
-        self.flops_per_token = flops_per_token(self.model.config, self._seq_len_hint())
+        self.flops_per_token = flops_per_token(self.model.config, self.stage.seq_len())
         self.peak = device_peak_tflops(world.device, cfg.peak_tflops)
         self.model.train()
         last_saved = self.step if self.resume_from is not None else -1
@@ -245,11 +263,6 @@ class Trainer:
             return step_dir(self.run_dir, self.step)
         finally:
             self.tracker.close()
-
-    def _seq_len_hint(self) -> int:
-        item = self.train_set[0]
-        first = item[0] if isinstance(item, tuple | list) else next(iter(item.values()))
-        return int(first.shape[-1])
 
     def _loader(self, indices) -> DataLoader:
         cfg = self.config
@@ -281,9 +294,57 @@ class Trainer:
         if self.sampler.epoch == epoch:  # nothing left for this rank in the epoch
             self.sampler.set_epoch(epoch + 1)
 
-    def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def _train_step(self, micro: list[dict[str, Any]]) -> dict[str, float]:
         cfg, world, stage = self.config, self.world, self.stage
         t0 = time.perf_counter()
+        self.ctx.step = self.step
+        micro = [_to(b, world.device) for b in micro]
+        with torch.no_grad():
+            micro = [stage.experience(b) for b in micro]
+        t_exp = time.perf_counter() - t0
+        local_samples = sum(stage.num_samples(b) for b in micro)
+        lr = lr_at(
+            self.samples_seen,
+            self.total_samples,
+            cfg.learning_rate,
+            cfg.min_lr_ratio,
+            cfg.warmup_ratio,
+        )
+        results = [self._update(update, lr) for update in stage.updates(micro)]
+        self.sampler.advance(local_samples * world.world_size)
+        self.samples_seen += local_samples * world.world_size
+        elapsed = time.perf_counter() - t0
+        units = sum(r.pop("_units") for r in results)
+        # Several updates (PPO epochs): loss and metrics are their mean, grad_norm the last.
+        metrics = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        metrics.update(lr=lr, grad_norm=results[-1]["grad_norm"])
+        if len(results) > 1:
+            metrics["updates"] = len(results)
+        metrics.update(self._mean_stats([b.get("stats", {}) for b in micro]))
+        if t_exp > 0.05 * elapsed:  # a stage with real experience work (rollouts)
+            metrics.update(experience_s=t_exp, update_s=elapsed - t_exp)
+        if stage.count_is_tokens:
+            metrics["tokens_per_s"] = units / elapsed
+            if self.peak:
+                achieved = units / elapsed * self.flops_per_token / world.world_size
+                metrics["mfu"] = achieved / (self.peak * 1e12)
+        return metrics
+
+    def _mean_stats(self, stats: list[dict[str, float]]) -> dict[str, float]:
+        """Per-micro-batch stats of the experience hook, averaged over micro-batches and
+        processes (every process's stage reports the same keys)."""
+        keys = sorted({k for s in stats for k in s})
+        if not keys:
+            return {}
+        local = torch.tensor(
+            [[s.get(k, 0.0) for k in keys] for s in stats], dtype=torch.float64
+        ).mean(0)
+        mean = D.all_reduce_sum(local.to(self.world.device), self.world) / self.world.world_size
+        return dict(zip(keys, mean.tolist(), strict=True))
+
+    def _update(self, micro: list[dict[str, Any]], lr: float) -> dict[str, float]:
+        """One optimizer update over `micro` (this process's micro-batches of the update)."""
+        cfg, world, stage = self.config, self.world, self.stage
         counts = [stage.count(b).to(torch.float64) for b in micro]
         local = torch.stack(counts).sum().to(world.device)
         total = D.all_reduce_sum(local, world).clamp(min=1)
@@ -291,7 +352,6 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            batch = _to(batch, world.device)
             last = i == len(micro) - 1
             with self._sync(last), self._autocast():
                 out = stage.loss(self.forward_model, batch)
@@ -312,13 +372,6 @@ class Trainer:
             if cfg.grad_clip > 0
             else torch.zeros(())
         )
-        lr = lr_at(
-            self.samples_seen,
-            self.total_samples,
-            cfg.learning_rate,
-            cfg.min_lr_ratio,
-            cfg.warmup_ratio,
-        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:
@@ -327,19 +380,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        local_samples = sum(len(next(iter(b.values()))) for b in micro)
-        self.sampler.advance(local_samples * world.world_size)
-        self.samples_seen += local_samples * world.world_size
-        mean_loss = float(D.all_reduce_sum(loss_sum, world) / total)
-        elapsed = time.perf_counter() - t0
-        tokens = float(total) if stage.count_is_tokens else 0.0
-        metrics = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        metrics = {"loss": float(D.all_reduce_sum(loss_sum, world) / total)}
         metrics.update({k: v / float(total) * world.world_size for k, v in sums.items()})
-        if tokens:
-            metrics["tokens_per_s"] = tokens / elapsed
-            if self.peak:
-                achieved = tokens / elapsed * self.flops_per_token / world.world_size
-                metrics["mfu"] = achieved / (self.peak * 1e12)
+        metrics.update(grad_norm=float(grad_norm), _units=float(total))
         return metrics
 
     def _sync(self, last: bool):
@@ -353,18 +396,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss per unit over the first `eval_batches` batches of the eval split."""
+    def evaluate(self) -> dict[str, float]:
+        """The stage's own evaluation when it has one (`Stage.evaluate`), else the mean loss
+        per unit (`eval_loss`) and the loss metrics over the first `eval_batches` batches of
+        the eval split, after the experience hook."""
+        self.ctx.step = self.step
+        self.model.eval()
+        try:
+            custom = self.stage.evaluate(self.model)
+            if custom is not None:
+                return {f"eval_{k}": v for k, v in custom.items()}
+            return self._eval_loss()
+        finally:
+            self.model.train()
+
+    def _eval_loss(self) -> dict[str, float]:
         eval_set = self.stage.eval_dataset()
         if eval_set is None or len(eval_set) == 0:
-            return None
+            return {}
         cfg, world = self.config, self.world
         n = min(len(eval_set), cfg.eval_batches * cfg.batch_size * world.world_size)
         # Every rank runs the same number of forwards: under FSDP2 each forward all-gathers,
         # so a rank with one batch more would wait forever for the others.
         n -= n % world.world_size
         if n == 0:
-            return None
+            return {}
         indices = torch.arange(world.rank, n, world.world_size)
         loader = DataLoader(
             eval_set,
@@ -375,21 +431,28 @@ class Trainer:
             collate_fn=self.stage.collate,
             generator=torch.Generator(),
         )
-        self.model.eval()
         loss = torch.zeros((), dtype=torch.float64, device=world.device)
         units = torch.zeros((), dtype=torch.float64, device=world.device)
+        sums: dict[str, torch.Tensor] = {}
         for batch in loader:
-            batch = _to(batch, world.device)
+            batch = self.stage.experience(_to(batch, world.device))
             with self._autocast():
-                loss += self.stage.loss(self.forward_model, batch).loss_sum.double()
+                out = self.stage.loss(self.forward_model, batch)
+            loss += out.loss_sum.double()
             units += self.stage.count(batch).double()
-        self.model.train()
-        return float(D.all_reduce_sum(loss, world) / D.all_reduce_sum(units, world).clamp(min=1))
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        total = D.all_reduce_sum(units, world).clamp(min=1)
+        result = {"eval_loss": float(D.all_reduce_sum(loss, world) / total)}
+        for k in sorted(sums):
+            value = torch.tensor(sums[k], dtype=torch.float64, device=world.device)
+            result[f"eval_{k}"] = float(D.all_reduce_sum(value, world) / total)
+        return result
 
     def _log_eval(self) -> None:
-        value = self.evaluate()
-        if value is not None:
-            self.tracker.log(self.step, {"eval_loss": value})
+        values = self.evaluate()
+        if values:
+            self.tracker.log(self.step, values)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_step(self) -> Path:
@@ -428,6 +491,7 @@ class Trainer:
                         "optimizer": optim,
                         "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                         "sampler": self.sampler.state_dict(),
+                        "stage": self.stage.state_dict(),
                         "step": self.step,
                         "samples_seen": self.samples_seen,
                         "rng": rngs,

@@ -1,1 +1,10 @@
-"""One file per training method; each gives the engine datasets, collation and a loss."""
+"""One file per training method; each registers itself (stage.register) as a `minimind train`
+command and gives the engine datasets, collation, experience and a loss.
+
+`REGISTRY` maps a stage name to its class once this package is imported; adding a stage is
+one file here plus its line below."""
+
+from ..stage import REGISTRY
+from . import dpo, grpo, lora, pretrain, sft  # noqa: F401  (each import registers its stage)
+
+__all__ = ["REGISTRY"]

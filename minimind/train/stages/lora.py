@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any, ClassVar
 
 from safetensors.torch import save_file
 
@@ -22,11 +23,39 @@ from minimind.model.lora import (
     merge_lora,
 )
 
+from ..stage import register
 from .sft import SFTStage
 
 
+@register
 class LoRAStage(SFTStage):
     name = "lora"
+    help = "LoRA fine-tuning: SFT with low-rank adapters only (train_lora.py)"
+    order = 30  # place in `minimind train --help` (the pipeline's order)
+    defaults: ClassVar[dict[str, Any]] = {
+        "data_path": "lora_identity.jsonl",
+        "save_weight": "lora_identity",
+        "from_weight": "full_sft",
+        "learning_rate": 1e-4,
+    }
+
+    @classmethod
+    def add_flags(cls, parser):
+        a = parser.add_argument
+        a("--lora_rank", type=int, default=8)
+        a("--lora_alpha", type=float, default=16.0)
+        a("--lora_dropout", type=float, default=0.0)
+        a("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+    @classmethod
+    def from_args(cls, args, data):
+        lora = LoRAConfig(
+            r=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=tuple(args.lora_targets.split(",")),
+        )
+        return cls(data, args.max_seq_len, lora)
 
     def __init__(self, shards: str | Path, max_seq_len: int, lora: LoRAConfig, **kw):
         super().__init__(shards, max_seq_len, **kw)

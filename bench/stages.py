@@ -1,0 +1,206 @@
+"""Evidence that the stages after SFT help: DPO and GRPO from the demo's SFT checkpoint, on the
+demo corpus, with the held-out measures before and after (prints a table, writes
+bench/results/stages.json). An evaluation, not a timed test: it asserts nothing.
+
+Measures (greedy decoding, the demo's held-out splits):
+- GRPO: held-out arithmetic accuracy (`eval_arith.jsonl`: operand pairs never trained) before
+  and after GRPO on the arithmetic prompts of `rlaif-mini.jsonl` (answer reward), with steps,
+  minutes and the rollout/update split of a step.
+- DPO: preference accuracy on held-out pairs (the summed log-prob of the chosen reply above
+  the rejected one's; the last `--dpo-eval` pairs of `dpo.jsonl`, never trained on) before and
+  after, and the held-out SFT loss before and after (DPO must not wreck the chat model).
+
+    python bench/stages.py --workdir runs/demo      # the folder `minimind demo` wrote
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minimind.checkpoint import load_checkpoint
+from minimind.data.formats import RecordReader
+from minimind.data.prepare import prepare
+from minimind.eval.tasks import answer_accuracy
+from minimind.tokenizer import load_tokenizer
+from minimind.train.config import TrainConfig
+from minimind.train.engine import Trainer
+from minimind.train.stage import IGNORE_INDEX, token_logps
+from minimind.train.stages.dpo import DPOStage
+from minimind.train.stages.grpo import GRPOStage
+from minimind.train.stages.sft import SFTStage
+
+ROOT = Path(__file__).resolve().parent
+
+
+def sft_checkpoint(workdir: Path) -> Path:
+    found = sorted((workdir / "out").glob("full_sft_*[0-9]"))
+    if not found:
+        raise SystemExit(f"no out/full_sft_* in {workdir}: run `minimind demo --workdir {workdir}`")
+    return found[-1]
+
+
+def arith(model, tok, workdir: Path) -> dict:
+    records = list(RecordReader(workdir / "dataset" / "eval_arith.jsonl"))
+    acc = answer_accuracy(model, tok, records, max_new_tokens=24)
+    return {"correct": acc.correct, "total": acc.total, "accuracy": acc.value}
+
+
+@torch.no_grad()
+def preference_accuracy(model, stage: DPOStage) -> float:
+    """Share of held-out pairs whose chosen reply has the higher summed log-prob."""
+    model.eval()
+    wins = total = 0
+    data = stage.eval_dataset()
+    for start in range(0, len(data), 16):
+        batch = stage.collate([data[i] for i in range(start, min(start + 16, len(data)))])
+        logps, _ = token_logps(model, batch["input_ids"], batch["labels"])
+        seq = (logps * (batch["labels"] != IGNORE_INDEX)).sum(1)
+        b = seq.shape[0] // 2
+        wins += int((seq[:b] > seq[b:]).sum())
+        total += b
+    return wins / max(total, 1)
+
+
+@torch.no_grad()
+def sft_loss(model, stage: SFTStage) -> float:
+    from minimind.train.stage import lm_loss
+
+    model.eval()
+    data = stage.eval_dataset()
+    loss = count = 0.0
+    for start in range(0, len(data), 16):
+        batch = stage.collate([data[i] for i in range(start, min(start + 16, len(data)))])
+        loss += float(lm_loss(model, batch["input_ids"], batch["labels"]).loss_sum)
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    return loss / count
+
+
+def run_grpo(args, ckpt: Path, tmp: Path) -> dict:
+    model, _ = load_checkpoint(ckpt)
+    tok = load_tokenizer(ckpt)
+    before = arith(model, tok, args.workdir)
+    src = args.workdir / "dataset" / "rlaif-mini.jsonl"
+    rows = [json.loads(line) for line in src.read_text("utf-8").splitlines()]
+    rows = [r for r in rows if str(r.get("answer", "")).lstrip("-").isdigit()]  # arithmetic
+    arith_file = tmp / "rlaif_arith.jsonl"
+    arith_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    prepare(arith_file, ckpt, tmp / "shards_rlaif", max_seq_len=128)
+    stage = GRPOStage(
+        tmp / "shards_rlaif",
+        num_generations=args.generations,
+        max_gen_len=24,
+        beta=args.beta,
+        reward="answer:1",
+        max_eval=32,
+    )
+    config = TrainConfig(
+        out_dir=str(tmp / "grpo"),
+        max_steps=args.grpo_steps,
+        batch_size=args.grpo_batch,
+        learning_rate=args.grpo_lr,
+        min_lr_ratio=1.0,
+        dtype="fp32",
+        log_interval=10,
+        eval_interval=0,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    trainer = Trainer(config, stage, model, tokenizer_dir=ckpt)
+    trainer.fit()
+    minutes = (time.perf_counter() - t0) / 60
+    after = arith(trainer.model, tok, args.workdir)
+    logs = [json.loads(x) for x in (tmp / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logs if "reward" in m]
+    return {
+        "prompts": len(rows),
+        "steps": trainer.step,
+        "minutes": minutes,
+        "held_out_arith_before": before,
+        "held_out_arith_after": after,
+        "train_reward_first": steps[0]["reward"],
+        "train_reward_last": steps[-1]["reward"],
+        "experience_s_per_step": sum(m.get("experience_s", 0) for m in steps) / len(steps),
+        "update_s_per_step": sum(m.get("update_s", 0) for m in steps) / len(steps),
+        "rollout_tokens_per_s": sum(m["rollout_tokens_per_s"] for m in steps) / len(steps),
+        "settings": {
+            "G": args.generations,
+            "batch": args.grpo_batch,
+            "lr": args.grpo_lr,
+            "beta": args.beta,
+        },
+    }
+
+
+def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
+    model, _ = load_checkpoint(ckpt)
+    prepare(args.workdir / "dataset" / "dpo.jsonl", ckpt, tmp / "shards_dpo", max_seq_len=128)
+    prepare(
+        args.workdir / "dataset" / "sft_mini_512.jsonl", ckpt, tmp / "shards_sft", max_seq_len=128
+    )
+    stage = DPOStage(tmp / "shards_dpo", 128, beta=0.1, eval_fraction=0.2, max_eval=args.dpo_eval)
+    sft = SFTStage(tmp / "shards_sft", 128, max_eval=256)
+    before = {"pref": preference_accuracy(model, stage), "sft_loss": sft_loss(model, sft)}
+    config = TrainConfig(
+        out_dir=str(tmp / "dpo"),
+        epochs=args.dpo_epochs,
+        batch_size=8,
+        learning_rate=args.dpo_lr,
+        dtype="fp32",
+        log_interval=25,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    trainer = Trainer(config, stage, model.train(), tokenizer_dir=ckpt)
+    trainer.fit()
+    minutes = (time.perf_counter() - t0) / 60
+    after = {
+        "pref": preference_accuracy(trainer.model, stage),
+        "sft_loss": sft_loss(trainer.model, sft),
+    }
+    return {
+        "train_pairs": len(stage.train_dataset()),
+        "held_out_pairs": len(stage.eval_dataset()),
+        "steps": trainer.step,
+        "minutes": minutes,
+        "before": before,
+        "after": after,
+        "settings": {"lr": args.dpo_lr, "epochs": args.dpo_epochs, "beta": 0.1, "batch": 8},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--stages", default="dpo,grpo")
+    p.add_argument("--grpo-steps", type=int, default=60)
+    p.add_argument("--grpo-batch", type=int, default=8, help="prompts per step")
+    p.add_argument("--grpo-lr", type=float, default=5e-5)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--dpo-lr", type=float, default=5e-5)
+    p.add_argument("--dpo-epochs", type=int, default=1)
+    p.add_argument("--dpo-eval", type=int, default=128, help="held-out pairs")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "stages.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ckpt = sft_checkpoint(args.workdir)
+    result: dict = {"checkpoint": str(ckpt), "machine": platform.platform(), "date": time.ctime()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.stages.split(","):
+            print(f"== {name}", flush=True)
+            result[name] = {"dpo": run_dpo, "grpo": run_grpo}[name](args, ckpt, Path(tmp) / name)
+            print(json.dumps(result[name], indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

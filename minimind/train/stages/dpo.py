@@ -1,0 +1,200 @@
+"""DPO (Rafailov et al. 2023): preference pairs, chosen and rejected in one forward, against a
+frozen reference; MiniMind's `trainer/train_dpo.py`.
+
+- A batch of B pairs is one (2B, T) forward: rows [0, B) chosen, [B, 2B) rejected, both
+  right-padded to one T (so the fused causal kernel stays on, as in SFT). Log-probabilities
+  are taken on the assistant tokens only (the SFT loss mask), never on the prompt or pads.
+- Sequence log-prob: summed over the reply (`--logp_agg sum`, DPO's definition, the default)
+  or averaged over its tokens (`mean`: length-normalised, what IPO assumes).
+- The reference is the starting model (`--from_weight`). `--ref model` (default) keeps a
+  frozen copy on the device and runs it in the experience hook of every step; `--ref
+  precompute` runs it once over the training pairs before the first step, keeps the (N, 2)
+  log-probs in memory, indexed by each pair's position in the data, and frees the copy
+  (one model less in memory; recomputed, identically, when a run resumes).
+- Losses (objectives.dpo_loss): sigmoid (default, beta 0.1; label smoothing gives
+  conservative DPO), robust (Chowdhury et al. 2024), ipo (Azar et al. 2023), hinge (SLiC).
+- Units are pairs: the loss is summed over pairs and the engine divides by the step's pairs.
+  Logged per pair: rewards of chosen and rejected (beta x log-ratio to the reference), their
+  margin, and the preference accuracy (chosen reward above rejected).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import DataLoader
+
+from minimind.data.padding import DPODataset, pad_batch
+from minimind.data.shards import Shards
+
+from ..objectives import DPO_LOSSES, dpo_loss, sequence_logps
+from ..stage import IGNORE_INDEX, LossOutput, Numbered, register, token_logps
+from .lm import LMStage
+
+
+@register
+class DPOStage(LMStage):
+    name = "dpo"
+    help = "direct preference optimisation on chosen/rejected pairs (train_dpo.py)"
+    # MiniMind's train_dpo.py: batch 4, 1024 tokens, from full_sft. Its lr (4e-8) is tuned for
+    # its own SFT schedule; 1e-6 is the usual DPO rate (TRL's default) and moves a tiny model.
+    order = 40  # place in `minimind train --help` (the pipeline's order)
+    defaults: ClassVar[dict[str, Any]] = {
+        "data_path": "dpo.jsonl",
+        "save_weight": "dpo",
+        "from_weight": "full_sft",
+        "learning_rate": 1e-6,
+        "batch_size": 4,
+        "max_seq_len": 1024,
+    }
+    count_is_tokens = False
+    group_by_length = True
+
+    @classmethod
+    def add_flags(cls, parser):
+        a = parser.add_argument
+        a("--beta", type=float, default=0.1, help="strength of the KL constraint")
+        a("--loss_type", default="sigmoid", choices=DPO_LOSSES)
+        a("--label_smoothing", type=float, default=0.0, help="sigmoid/robust: label noise")
+        a("--logp_agg", default="sum", choices=("sum", "mean"), help="sequence log-prob")
+        a("--ref", default="model", choices=("model", "precompute"), help="reference log-probs")
+
+    @classmethod
+    def from_args(cls, args, data):
+        return cls(
+            data,
+            args.max_seq_len,
+            beta=args.beta,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            logp_agg=args.logp_agg,
+            ref=args.ref,
+        )
+
+    def __init__(
+        self,
+        shards: str | Path,
+        max_seq_len: int,
+        *,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        logp_agg: str = "sum",
+        ref: str = "model",
+        eval_fraction: float = 0.01,
+        max_eval: int = 256,
+    ):
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSSES)}, got {loss_type!r}")
+        if logp_agg not in ("sum", "mean") or ref not in ("model", "precompute"):
+            raise ValueError(
+                f"logp_agg must be sum|mean and ref model|precompute: {logp_agg}, {ref}"
+            )
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        data = Shards(shards)
+        super().__init__(data, DPODataset(data, max_seq_len), eval_fraction, max_eval)
+        self.train, self.eval = Numbered(self.train), Numbered(self.eval)
+        self.max_seq_len = max_seq_len
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.average, self.ref_mode = logp_agg == "mean", ref
+        self.ref = None
+        self._ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs
+
+    # ------------------------------------------------------------------ set-up
+    def prepare_model(self, model):
+        # The reference is the model as it starts, before a resumed run loads its step weights.
+        self._start = copy.deepcopy(model)
+        return model
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.ref = ctx.frozen(self._start)
+        del self._start
+        if self.ref_mode == "precompute":
+            self._ref_cache = self._precompute()
+            self.ref = None  # the cache replaces the model
+
+    @torch.no_grad()
+    def _precompute(self) -> torch.Tensor:
+        out = torch.zeros(len(self.dataset), 2, dtype=torch.float32, device=self.ctx.device)
+        for data in (self.train, self.eval):
+            for batch in DataLoader(data, batch_size=16, collate_fn=self.collate):
+                batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+                out[batch["index"]] = self._ref_logps(batch).view(2, -1).T
+        return out
+
+    def seq_len(self):
+        return self.max_seq_len
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, items):
+        """B pairs -> input_ids, labels (2B, T): chosen rows first; index (B,)."""
+        sides = [
+            {"input_ids": item[f"{side}_input_ids"], "labels": item[f"{side}_labels"]}
+            for side in ("chosen", "rejected")
+            for item in items
+        ]
+        batch = pad_batch(sides, self.dataset.pad_id)
+        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        return batch
+
+    def num_samples(self, batch):
+        return int(batch["index"].shape[0])
+
+    def count(self, batch):
+        return torch.tensor(batch["index"].shape[0])
+
+    def _seq_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, aux = token_logps(model, batch["input_ids"], batch["labels"])
+        return sequence_logps(logps, batch["labels"] != IGNORE_INDEX, self.average), aux
+
+    def _ref_logps(self, batch) -> torch.Tensor:
+        with self.ctx.autocast():
+            return self._seq_logps(self.ref, batch)[0].float()
+
+    def experience(self, batch):
+        if self.ref is not None:
+            batch["ref_logps"] = self._ref_logps(batch)
+        else:  # (B, 2) -> (2B,): chosen rows first, as in the batch
+            batch["ref_logps"] = self._ref_cache[batch["index"]].T.reshape(-1)
+        return batch
+
+    # ------------------------------------------------------------------ the loss
+    def loss(self, model, batch):
+        seq, aux = self._seq_logps(model, batch)
+        b = seq.shape[0] // 2
+        ref = batch["ref_logps"]
+        terms = dpo_loss(
+            seq[:b],
+            seq[b:],
+            ref[:b],
+            ref[b:],
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
+        c, r = terms.chosen_rewards, terms.rejected_rewards
+        metrics = {
+            "reward_accuracy": float((c > r).float().sum()),
+            "reward_margin": float((c - r).sum()),
+            "reward_chosen": float(c.sum()),
+            "reward_rejected": float(r.sum()),
+        }
+        return LossOutput(
+            terms.losses.sum(), aux=aux if aux.requires_grad else None, metrics=metrics
+        )
+
+    def fingerprint(self):
+        return {
+            **super().fingerprint(),
+            "dpo": {
+                "beta": self.beta,
+                "loss_type": self.loss_type,
+                "label_smoothing": self.label_smoothing,
+                "logp_agg": "mean" if self.average else "sum",
+            },
+        }
