@@ -1,11 +1,11 @@
-"""Evidence that the stages after SFT help: DPO and GRPO from the demo's SFT checkpoint, on the
-demo corpus, with the held-out measures before and after (prints a table, writes
-bench/results/stages.json). An evaluation, not a timed test: it asserts nothing.
+"""Evidence that the stages after SFT help: DPO, GRPO, PPO and SPO from the demo's SFT
+checkpoint, on the demo corpus, with the held-out measures before and after (prints JSON,
+writes bench/results/stages.json). An evaluation, not a timed test: it asserts nothing.
 
 Measures (greedy decoding, the demo's held-out splits):
-- GRPO: held-out arithmetic accuracy (`eval_arith.jsonl`: operand pairs never trained) before
-  and after GRPO on the arithmetic prompts of `rlaif-mini.jsonl` (answer reward), with steps,
-  minutes and the rollout/update split of a step.
+- GRPO, PPO, SPO: held-out arithmetic accuracy (`eval_arith.jsonl`: operand pairs never
+  trained) before and after RL on the arithmetic prompts of `rlaif-mini.jsonl` (answer
+  reward), with steps, minutes and the rollout/update split of a step.
 - DPO: preference accuracy on held-out pairs (the summed log-prob of the chosen reply above
   the rejected one's; the last `--dpo-eval` pairs of `dpo.jsonl`, never trained on) before and
   after, and the held-out SFT loss before and after (DPO must not wreck the chat model).
@@ -34,7 +34,9 @@ from minimind.train.engine import Trainer
 from minimind.train.stage import IGNORE_INDEX, token_logps
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
+from minimind.train.stages.ppo import PPOStage
 from minimind.train.stages.sft import SFTStage
+from minimind.train.stages.spo import SPOStage
 
 ROOT = Path(__file__).resolve().parent
 
@@ -82,7 +84,16 @@ def sft_loss(model, stage: SFTStage) -> float:
     return loss / count
 
 
-def run_grpo(args, ckpt: Path, tmp: Path) -> dict:
+def rl_stage(kind: str, shards: Path, args):
+    common = dict(max_gen_len=24, reward="answer:1", max_eval=32)
+    if kind == "grpo":
+        return GRPOStage(shards, num_generations=args.generations, beta=args.beta, **common)
+    if kind == "ppo":
+        return PPOStage(shards, kl_coef=args.beta, **common)
+    return SPOStage(shards, init_samples=args.spo_init, **common)
+
+
+def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
     model, _ = load_checkpoint(ckpt)
     tok = load_tokenizer(ckpt)
     before = arith(model, tok, args.workdir)
@@ -92,19 +103,14 @@ def run_grpo(args, ckpt: Path, tmp: Path) -> dict:
     arith_file = tmp / "rlaif_arith.jsonl"
     arith_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     prepare(arith_file, ckpt, tmp / "shards_rlaif", max_seq_len=128)
-    stage = GRPOStage(
-        tmp / "shards_rlaif",
-        num_generations=args.generations,
-        max_gen_len=24,
-        beta=args.beta,
-        reward="answer:1",
-        max_eval=32,
-    )
+    stage = rl_stage(kind, tmp / "shards_rlaif", args)
     config = TrainConfig(
-        out_dir=str(tmp / "grpo"),
-        max_steps=args.grpo_steps,
-        batch_size=args.grpo_batch,
-        learning_rate=args.grpo_lr,
+        out_dir=str(tmp / kind),
+        max_steps=args.rl_steps,
+        # prompts per step: GRPO's G completions each; PPO and SPO one each, so they get G x
+        # the prompts and every method samples the same number of completions per step
+        batch_size=args.rl_batch * (1 if kind == "grpo" else args.generations),
+        learning_rate=args.rl_lr,
         min_lr_ratio=1.0,
         dtype="fp32",
         log_interval=10,
@@ -116,7 +122,7 @@ def run_grpo(args, ckpt: Path, tmp: Path) -> dict:
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
     after = arith(trainer.model, tok, args.workdir)
-    logs = [json.loads(x) for x in (tmp / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    logs = [json.loads(x) for x in (tmp / kind / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in logs if "reward" in m]
     return {
         "prompts": len(rows),
@@ -131,9 +137,9 @@ def run_grpo(args, ckpt: Path, tmp: Path) -> dict:
         "rollout_tokens_per_s": sum(m["rollout_tokens_per_s"] for m in steps) / len(steps),
         "settings": {
             "G": args.generations,
-            "batch": args.grpo_batch,
-            "lr": args.grpo_lr,
-            "beta": args.beta,
+            "batch": config.batch_size,
+            "lr": args.rl_lr,
+            "beta_or_kl": args.beta,
         },
     }
 
@@ -178,12 +184,13 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--stages", default="dpo,grpo")
-    p.add_argument("--grpo-steps", type=int, default=60)
-    p.add_argument("--grpo-batch", type=int, default=8, help="prompts per step")
-    p.add_argument("--grpo-lr", type=float, default=5e-5)
+    p.add_argument("--stages", default="dpo,grpo,ppo,spo")
+    p.add_argument("--rl-steps", type=int, default=60)
+    p.add_argument("--rl-batch", type=int, default=8, help="GRPO prompts per step")
+    p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--beta", type=float, default=0.0, help="GRPO beta, PPO kl_coef")
+    p.add_argument("--spo-init", type=int, default=4, help="SPO prior samples per prompt")
     p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--dpo-epochs", type=int, default=1)
     p.add_argument("--dpo-eval", type=int, default=128, help="held-out pairs")
@@ -195,7 +202,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.stages.split(","):
             print(f"== {name}", flush=True)
-            result[name] = {"dpo": run_dpo, "grpo": run_grpo}[name](args, ckpt, Path(tmp) / name)
+            work = Path(tmp) / name
+            work.mkdir()
+            if name == "dpo":
+                result[name] = run_dpo(args, ckpt, work)
+            else:
+                result[name] = run_rl(name, args, ckpt, work)
             print(json.dumps(result[name], indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -148,6 +148,12 @@ MULTI = {
     "ddp_sft_acc": dict(stage="sft", batch_size=2, accumulation_steps=2),
     "fsdp_pretrain": dict(stage="pretrain", batch_size=4, fsdp=True, tokenizer=True),
     "fsdp_sft_acc": dict(stage="sft", batch_size=2, accumulation_steps=2, fsdp=True),
+    # DPO: units are pairs, the reference a frozen copy outside DDP/FSDP
+    "ddp_dpo": dict(stage="dpo", batch_size=4),
+    "fsdp_dpo_acc": dict(stage="dpo", batch_size=2, accumulation_steps=2, fsdp=True),
+    # GRPO samples per rank (its own random stream), so it is not compared with one process;
+    # it must run: rollouts from FSDP2 shards gather the full weights on every rank.
+    "fsdp_grpo": dict(stage="grpo", batch_size=2, fsdp=True, tokenizer=True, steps=2),
     "ddp_stop": dict(stage="pretrain", batch_size=4, stop_after=STOP),
     "fsdp_stop": dict(stage="pretrain", batch_size=4, fsdp=True, stop_after=STOP),
     "resume_1to2_ddp": dict(stage="pretrain", batch_size=4, resume=True),
@@ -172,6 +178,7 @@ def runs(tmp_path_factory, data):
         for name, kw in {
             "ref_pretrain": dict(stage="pretrain", batch_size=GLOBAL),
             "ref_sft": dict(stage="sft", batch_size=GLOBAL),
+            "ref_dpo": dict(stage="dpo", batch_size=GLOBAL),
             "single_stop": dict(stage="pretrain", batch_size=GLOBAL, stop_after=STOP),
         }.items()
     }
@@ -251,9 +258,20 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(runs, name):
 
 
 # ---------------------------------------------------------------------------- 2. FSDP2
-@pytest.mark.parametrize("name", ["fsdp_pretrain", "fsdp_sft_acc"])
+@pytest.mark.parametrize("name", ["fsdp_pretrain", "fsdp_sft_acc", "fsdp_dpo_acc"])
 def test_fsdp2_two_ranks_match_one_process(runs, name):
     assert_matches_one_process(runs, name)
+
+
+def test_ddp_dpo_matches_one_process(runs):
+    assert_matches_one_process(runs, "ddp_dpo")
+
+
+def test_grpo_rollouts_run_from_fsdp2_shards(runs):
+    rows = [m for m in metrics(runs.root / "fsdp_grpo" / "run") if "reward" in m]
+    assert [m["step"] for m in rows] == [1, 2]
+    assert all(m["rollout_tokens_per_s"] > 0 and m["completion_len"] > 0 for m in rows)
+    assert runs.results["fsdp_grpo"]["step"] == 2
 
 
 def test_ddp_and_fsdp2_checkpoints_load_in_one_process(runs):
@@ -325,8 +343,12 @@ def test_one_process_then_two_ranks_resumes_at_the_next_sample(runs, name):
 
 
 # ---------------------------------------------------------------------------- 3. rank 0 only
+def last_step(name: str) -> int:
+    return STOP if MULTI[name].get("stop_after") else MULTI[name].get("steps", STEPS)
+
+
 def expected_run_files(runs, name: str) -> set[str]:
-    last = STOP if MULTI[name].get("stop_after") else STEPS
+    last = last_step(name)
     checkpoint = {"config.json", "model.safetensors", "meta.json", "trainer_state.pt"}
     if MULTI[name].get("tokenizer"):
         checkpoint |= {f.name for f in Path(runs.data["tokenizer"]).iterdir() if f.is_file()}
@@ -349,10 +371,10 @@ def test_only_rank_0_writes(runs):
         found = {str(p.relative_to(folder / "run")) for p in (folder / "run").rglob("*")}
         assert found == expected_run_files(runs, name), name
         lines = metrics(folder / "run")
-        last = STOP if MULTI[name].get("stop_after") else STEPS
+        last = last_step(name)
         assert [m["step"] for m in lines if "loss" in m] == list(range(1, last + 1)), name
-        evals = [m["step"] for m in lines if "eval_loss" in m]
-        assert evals == ([] if MULTI[name].get("stop_after") else [STEPS]), name
+        evals = [m["step"] for m in lines if any(k.startswith("eval_") for k in m)]
+        assert evals == ([] if MULTI[name].get("stop_after") else [last]), name
 
 
 # ---------------------------------------------------------------------------- 5. the CLI

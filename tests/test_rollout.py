@@ -47,6 +47,15 @@ def test_rollout_never_rebinds_trained_parameters_and_samples_like_generate():
         assert all(not torch.equal(snapshot[n], p) for n, p in model.named_parameters())
 
 
+def test_a_model_that_decoded_can_train_afterwards():
+    model = tiny()
+    generate(model, PROMPTS, max_new_tokens=4, temperature=0.0)  # fuses under inference_mode
+    assert any(m._fused_weight is not None for m in _groups(model))
+    model.train()
+    model(torch.tensor([PROMPTS[0]])).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def _groups(model):
     from minimind.model.layers import InputGroup
 

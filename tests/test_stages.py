@@ -53,7 +53,7 @@ def _lora_stage(shards):
 
 # name -> (stage builder, settings, the eval metric, how far it must fall (loss) or rise) after
 # 16 steps from a random tiny model; measured: pretrain 6.02 -> 4.6, sft 6.02 -> 5.56, lora
-# (lr 1e-1) 6.02 -> 5.94, dpo 0.69 -> 0.45, grpo 0.2 -> 0.8.
+# (lr 1e-1) 6.02 -> 5.94, dpo 0.69 -> 0.45, grpo 0.2 -> 0.8, ppo 0.2 -> 1.0.
 LEARNS = {
     "pretrain": (lambda d: make_stage("pretrain", d["pretrain"], max_eval=8), {}, "loss", 0.5),
     "sft": (lambda d: make_stage("sft", d["sft"], max_eval=8), {}, "loss", 0.25),
@@ -75,6 +75,29 @@ LEARNS = {
             beta=0.0,
         ),
         {"batch_size": 2, "min_lr_ratio": 1.0},
+        "reward",
+        0.2,
+    ),
+    "ppo": (
+        lambda d: make_stage(
+            "ppo",
+            d["rlaif"],
+            reward=RewardSpec({"lower": 1.0}),
+            registry={"lower": lower_case},
+            kl_coef=0.0,
+        ),
+        {"min_lr_ratio": 1.0},
+        "reward",
+        0.2,
+    ),
+    "spo": (
+        lambda d: make_stage(
+            "spo",
+            d["rlaif"],
+            reward=RewardSpec({"lower": 1.0}),
+            registry={"lower": lower_case},
+        ),
+        {"min_lr_ratio": 1.0},
         "reward",
         0.2,
     ),
@@ -234,3 +257,57 @@ def test_grpo_logs_rollout_split_and_group_statistics(data, tmp_path):
         assert key in row, row
     assert "experience_s" in row and "update_s" in row
     assert any("eval_reward" in m for m in metrics(tmp_path))
+
+
+def test_ppo_value_head_trains_at_its_own_rate_is_checkpointed_and_not_exported(data, tmp_path):
+    stage = make_stage("ppo", data["rlaif"], critic_lr_scale=0.5, ppo_epochs=2, num_minibatches=2)
+    t = fit(stage, tmp_path, data, 2, batch_size=4, save_interval=1, learning_rate=1e-3)
+    scales = {g["lr_scale"] for g in t.optimizer.param_groups}
+    assert scales == {1.0, 0.5}
+    head = [g for g in t.optimizer.param_groups if g["lr_scale"] == 0.5]
+    assert {id(p) for g in head for p in g["params"]} == {
+        id(p) for p in t.model.value_head.parameters()
+    }
+    saved = load_file(str(tmp_path / "step_00000002" / "model.safetensors"))
+    assert any(k.startswith("value_head.") for k in saved)
+    exported = t.export(tmp_path / "export")
+    plain = load_file(str(exported / "model.safetensors"))
+    assert not any(k.startswith("value_head") for k in plain)
+    row = [m for m in metrics(tmp_path) if "loss" in m][-1]
+    assert row["updates"] == 4  # 2 epochs x 2 minibatches
+    for key in ("value_loss", "explained_variance", "clip_frac", "approx_kl", "kl_ref"):
+        assert key in row, row
+
+
+def test_spo_tracker_follows_the_beta_update_and_forgets_faster_when_the_policy_moves(
+    data, tmp_path
+):
+    from minimind.data.prepare import prepare
+
+    src = tmp_path / "two.jsonl"
+    rows = [
+        {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]}
+        for q in ("What is 2 + 3?", "What is 4 + 1?")
+    ]
+    src.write_text("".join(json.dumps({**r, "answer": "5"}) + "\n" for r in rows))
+    prepare(src, data["tokenizer"], tmp_path / "shards", max_seq_len=64)
+    stage = make_stage(
+        "spo",
+        tmp_path / "shards",
+        reward=RewardSpec({"lower": 1.0}),
+        registry={"lower": lower_case},
+        init_samples=0,
+        eval_fraction=0.0,
+        max_eval=0,
+        prioritize=False,
+    )
+    alpha0, beta0 = stage.alpha.clone(), stage.beta_.clone()
+    fit(stage, tmp_path / "run", data, 6, batch_size=2, learning_rate=5e-2, epochs=6)
+    rows = [m for m in metrics(tmp_path / "run") if "rho" in m]
+    assert rows[0]["rho"] == pytest.approx(0.96)  # never seen: rho_max
+    assert min(m["rho"] for m in rows[1:]) < 0.96  # the policy moved on a seen prompt
+    # Beta update: alpha + beta = rho (alpha + beta) + 1 per visit; both prompts seen 6 times,
+    # so the effective count grew from 1 towards 1 / (1 - rho) without reaching 6.
+    total = stage.alpha + stage.beta_
+    assert torch.all(total > alpha0 + beta0) and torch.all(total < 1 + 6)
+    assert len(stage.last) == 2 and stage.state_dict()["alpha"].shape == (2,)

@@ -18,8 +18,10 @@ from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
+from minimind.train.stages.ppo import PPOStage
 from minimind.train.stages.pretrain import PretrainStage
 from minimind.train.stages.sft import SFTStage
+from minimind.train.stages.spo import SPOStage
 
 SEQ = 32
 
@@ -41,7 +43,7 @@ def make_data(root: Path) -> dict[str, Path]:
 
 
 def make_stage(kind: str, shards: Path, **kw):
-    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo or grpo)."""
+    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo, grpo, ppo, spo)."""
     if kind == "pretrain":
         return PretrainStage(shards, SEQ, **{"max_eval": 4, **kw})
     if kind == "sft":
@@ -51,6 +53,11 @@ def make_stage(kind: str, shards: Path, **kw):
     if kind == "grpo":
         kw = {"num_generations": 4, "max_gen_len": 8, "max_eval": 4, "beta": 0.1, **kw}
         return GRPOStage(shards, **kw)
+    if kind == "ppo":
+        kw = {"max_gen_len": 8, "max_eval": 4, "kl_coef": 0.05, **kw}
+        return PPOStage(shards, **kw)
+    if kind == "spo":
+        return SPOStage(shards, **{"max_gen_len": 8, "max_eval": 4, "init_samples": 2, **kw})
     raise ValueError(kind)
 
 

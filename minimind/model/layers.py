@@ -190,7 +190,10 @@ class InputGroup(nn.Module):
             return False
         if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             return False
-        base = torch.cat([w.detach() for w in weights])
+        # Never an inference tensor, even when fused inside `generate` (inference_mode): the
+        # parameters become views of `base`, and a model that decoded may train afterwards.
+        with torch.inference_mode(False):
+            base = torch.cat([w.detach() for w in weights])
         start = 0
         for w in weights:
             w.data = base[start : start + w.shape[0]]

@@ -29,7 +29,8 @@ from minimind.infer.generation import Completion, GenerationConfig, generate
 
 class Policy:
     """A handle on the trained model for sampling. `model` is the plain (unwrapped) module the
-    optimizer updates; `fsdp` says whether its parameters are FSDP2 shards."""
+    optimizer updates, or a module that wraps the language model as `.lm` (PPO's policy with
+    its value head); `fsdp` says whether its parameters are FSDP2 shards."""
 
     def __init__(
         self,
@@ -37,7 +38,8 @@ class Policy:
         autocast: Callable[[], contextlib.AbstractContextManager],
         fsdp: bool = False,
     ):
-        self.model, self.autocast, self.fsdp = model, autocast, fsdp
+        self.model = getattr(model, "lm", model)
+        self.autocast, self.fsdp = autocast, fsdp
         self._replica: nn.Module | None = None
 
     def _gathered(self) -> nn.Module:

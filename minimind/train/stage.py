@@ -196,6 +196,10 @@ class Stage:
         engine's: the mean loss per unit (and metrics) over the eval split."""
         return None
 
+    def lr_scale(self, name: str) -> float:
+        """The learning-rate multiplier of trained parameter `name` (default 1)."""
+        return 1.0
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
