@@ -121,7 +121,7 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
     trainer = Trainer(config, stage, model, tokenizer_dir=ckpt)
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
-    after = arith(trainer.model, tok, args.workdir)
+    after = arith(stage.export_model(trainer.model), tok, args.workdir)
     logs = [json.loads(x) for x in (tmp / kind / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in logs if "reward" in m]
     return {

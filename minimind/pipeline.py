@@ -5,8 +5,10 @@ produced: demo corpus -> validation -> tokenizer -> token shards -> pretrain -> 
 through the one training engine) -> the checkpoint reloaded strictly -> MiniMind2 `.pth` and
 transformers exports (reloaded, logits compared) -> accuracy, beside its chance level, on
 questions asked as training asks them (memorisation) and on held-out ones (unseen phrasings of
-the world's facts, unseen arithmetic), with sample answers. Later stages (DPO, RL,
-distillation) join this list as they land.
+the world's facts, unseen arithmetic), with sample answers -> DPO (held-out preference
+accuracy, abstaining on people it was never told about, facts kept) -> GRPO (arithmetic on
+the RL operand pairs and on held-out ones), each measured before and after. Distillation
+joins this list when it lands.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ class Recipe:
     sft_epochs: int = 3
     sft_batch: int = 8
     sft_lr: float = 1e-3
+    dpo_epochs: int = 2
+    dpo_batch: int = 8
+    dpo_lr: float = 5e-4
+    dpo_beta: float = 0.1
+    # the chosen reply's NLL beside the DPO loss (RPO): without it the SFT model, which never
+    # abstained, wins the stranger pairs on log-ratios without ever preferring the abstention
+    dpo_rpo_alpha: float = 1.0
+    grpo_steps: int = 160
+    grpo_prompts: int = 8  # per step, each sampled grpo_generations times
+    grpo_generations: int = 8
+    grpo_lr: float = 5e-5
 
 
 def run(
@@ -71,11 +84,13 @@ def run(
     from minimind.data.formats import RecordReader
     from minimind.data.prepare import prepare
     from minimind.data.texts import iter_texts
-    from minimind.eval.tasks import answer_accuracy, chance_level
+    from minimind.eval.tasks import answer_accuracy, chance_level, preference_accuracy
     from minimind.model import MiniMindForCausalLM, preset
     from minimind.tokenizer import compression, load_tokenizer, train_tokenizer
     from minimind.train.config import TrainConfig
     from minimind.train.engine import Trainer
+    from minimind.train.stages.dpo import DPOStage
+    from minimind.train.stages.grpo import GRPOStage
     from minimind.train.stages.pretrain import PretrainStage
     from minimind.train.stages.sft import SFTStage
 
@@ -113,7 +128,7 @@ def run(
 
     t0 = _step("4. token shards (pre-tokenized once; chat data with assistant-only loss masks)")
     shards = {}
-    for kind in ("pretrain", "sft"):
+    for kind in ("pretrain", "sft", "dpo", "rlaif"):
         shards[kind] = workdir / "shards" / kind
         report = prepare(files[kind], tok_dir, shards[kind], max_seq_len=r.seq_len)
         print(f"   {kind:<9} {report.tokens:>9,} tokens in {report.docs:,} documents")
@@ -185,26 +200,105 @@ def run(
         f"re-imported {back_diff:.1e}",
     )
 
-    t0 = _step("8. questions: trained phrasings and operand pairs, then held-out ones")
-    for task in ("eval_facts_trained", "eval_facts", "eval_arith_trained", "eval_arith"):
+    def ask(task: str, model, tag: str = "") -> float:
         rows = [json.loads(line) for line in files[task].read_text("utf-8").splitlines()]
         chance = chance_level(rows)  # over the whole file, also when `eval_limit` cuts it
         records = list(RecordReader(files[task]))[:eval_limit]
         acc = answer_accuracy(model, tokenizer, records, max_new_tokens=24)
-        result[f"{task}_accuracy"] = acc.value
-        result[f"{task}_chance"] = chance
+        result[f"{task}{tag}_accuracy"] = acc.value
+        # Abstaining has one right reply per language: no guessing baseline to show.
+        note = "abstains" if task == "eval_strangers" else f"chance {100 * chance:.1f}%"
+        if task != "eval_strangers":
+            result[f"{task}_chance"] = chance
         print(
             f"   {task:<19} {acc.correct:>4}/{acc.total:<4} correct ({100 * acc.value:5.1f}%, "
-            f"chance {100 * chance:.1f}%)"
+            f"{note})"
         )
-        if task in ("eval_facts", "eval_arith"):
+        if task in ("eval_facts", "eval_arith", "eval_strangers") and not tag:
             for question, answer, gold, ok in acc.samples[:2]:
                 print(
                     f"     Q: {question}\n     A: {answer}  [gold {gold}: {'ok' if ok else 'wrong'}]"
                 )
+        return acc.value
+
+    def prefer(model, tag: str) -> float:
+        rows = [json.loads(line) for line in files["eval_dpo"].read_text("utf-8").splitlines()]
+        records = list(RecordReader(files["eval_dpo"]))[:eval_limit]
+        acc = preference_accuracy(model, tokenizer, records)
+        parts = []
+        for kind in ("stranger", "fact"):
+            oks = [ok for ok, row in zip(acc.oks, rows, strict=False) if row["kind"] == kind]
+            parts.append(f"{kind} {sum(oks)}/{len(oks)}")
+        result[f"eval_dpo{tag}_accuracy"] = acc.value
+        print(
+            f"   eval_dpo            {acc.correct:>4}/{acc.total:<4} pairs prefer the chosen reply "
+            f"({100 * acc.value:5.1f}%; {', '.join(parts)})"
+        )
+        return acc.value
+
+    t0 = _step("8. questions: trained phrasings and operand pairs, then held-out ones")
+    for task in ("eval_facts_trained", "eval_facts", "eval_arith_trained", "eval_arith"):
+        ask(task, model)
     print(f"   chat with it:  minimind chat --load_from {ckpt}")
     print(f"   serve it:      minimind serve --load_from {ckpt}   (OpenAI API on 127.0.0.1:8998)")
     _done(t0, f"in a browser:  minimind web --load_from {ckpt}")
+
+    def train(name: str, stage, steps: int | None, epochs: int, batch: int, lr: float, model):
+        train_config = TrainConfig(
+            out_dir=str(workdir / "checkpoints" / name),
+            epochs=epochs,
+            max_steps=steps if max_steps is None else min(steps or max_steps, max_steps),
+            batch_size=batch,
+            learning_rate=lr,
+            min_lr_ratio=1.0 if name == "grpo" else 0.1,
+            dtype="fp32",
+            log_interval=25,
+            save_interval=0,
+            eval_interval=0,
+            seed=seed,
+        )
+        trainer = Trainer(train_config, stage, model.train(), tokenizer_dir=tok_dir)
+        trainer.fit()
+        out = trainer.export(workdir / "out" / f"{name}_{config.hidden_size}")
+        return stage.export_model(trainer.model).eval(), trainer, out
+
+    t0 = _step("9. DPO from the SFT model: held-out preference pairs, strangers, facts kept")
+    print("   before:")
+    before = (prefer(model, "_before"), ask("eval_strangers", model, "_before"))
+    dpo = DPOStage(
+        shards["dpo"], r.seq_len, beta=r.dpo_beta, rpo_alpha=r.dpo_rpo_alpha, max_eval=64
+    )
+    model, trainer, ckpt = train("dpo", dpo, None, r.dpo_epochs, r.dpo_batch, r.dpo_lr, model)
+    print("   after:")
+    after = (prefer(model, ""), ask("eval_strangers", model), ask("eval_facts", model, "_dpo"))
+    print(
+        f"   preference accuracy {100 * before[0]:.1f}% -> {100 * after[0]:.1f}%, abstaining on "
+        f"strangers {100 * before[1]:.1f}% -> {100 * after[1]:.1f}%, held-out facts "
+        f"{100 * result['eval_facts_accuracy']:.1f}% -> {100 * after[2]:.1f}%"
+    )
+    _done(t0, f"{trainer.step} steps; {ckpt}")
+
+    t0 = _step("10. GRPO from the DPO model: arithmetic on the RL pairs, then held-out pairs")
+    print("   before:")
+    rl_before = ask("eval_arith_rl", model, "_before")
+    held_before = ask("eval_arith", model, "_dpo")
+    grpo = GRPOStage(
+        shards["rlaif"],
+        num_generations=r.grpo_generations,
+        max_gen_len=24,
+        beta=0.0,
+        reward="answer:1",
+        max_eval=16,
+    )
+    model, trainer, ckpt = train("grpo", grpo, r.grpo_steps, 100, r.grpo_prompts, r.grpo_lr, model)
+    print("   after:")
+    rl_after, held_after = ask("eval_arith_rl", model), ask("eval_arith", model, "_grpo")
+    print(
+        f"   RL pairs {100 * rl_before:.1f}% -> {100 * rl_after:.1f}%, held-out pairs "
+        f"{100 * held_before:.1f}% -> {100 * held_after:.1f}%"
+    )
+    print(f"   chat with it:  minimind chat --load_from {ckpt}")
+    _done(t0, f"{trainer.step} steps; {ckpt}")
     return result
 
 

@@ -37,6 +37,9 @@ EXPECTED_KIND = {
     "eval_arith": "rlaif",
     "eval_facts_trained": "rlaif",
     "eval_arith_trained": "rlaif",
+    "eval_arith_rl": "rlaif",
+    "eval_dpo": "dpo",
+    "eval_strangers": "rlaif",
 }
 TRAINING = ("pretrain", "sft", "lora", "dpo", "rlaif", "reasoning")
 
@@ -158,13 +161,52 @@ EQUATIONS = re.compile(r"(?<!\d)(?=(\d+) ?(\+|-|×|plus|minus|times|加|减|乘�
 WORDS = {"plus": "+", "minus": "-", "times": "×", "加": "+", "减": "-", "乘以": "×"}
 
 
-def test_held_out_arithmetic_never_occurs_in_training(training_text):
+def test_held_out_and_rl_arithmetic_never_occurs_in_pretraining_or_sft(corpus):
     split = ArithSplit(0)
     seen = 0
-    for a, op, b in EQUATIONS.findall(training_text):
+    text = "\n".join(
+        s for key in TRAINING if key != "rlaif" for row in rows(corpus[key]) for s in strings(row)
+    )
+    for a, op, b in EQUATIONS.findall(text):
         seen += 1
         assert split.allowed(WORDS.get(op, op), int(a), int(b)), f"{a} {op} {b}"
     assert seen > 1000
+
+
+def test_rlaif_arithmetic_uses_only_rl_pairs_and_eval_arith_rl_lists_them(corpus):
+    split = ArithSplit(0)
+    for key in ("rlaif", "eval_arith_rl"):
+        found = 0
+        for row in rows(corpus[key]):
+            for a, op, b in EQUATIONS.findall(row["conversations"][0]["content"]):
+                found += 1
+                assert split.is_rl(WORDS.get(op, op), int(a), int(b)), f"{a} {op} {b}"
+        assert found > 50, key
+    pairs = sum(len(v) for v in split.rl.values())
+    assert len(rows(corpus["eval_arith_rl"])) >= 2 * pairs  # both orders, both languages
+
+
+def test_strangers_split_between_dpo_and_the_held_out_evals(corpus):
+    from minimind.data.demo_world import HELD_OUT_STRANGERS, STRANGERS
+
+    held = STRANGERS[-HELD_OUT_STRANGERS:]
+    dpo = "\n".join(s for row in rows(corpus["dpo"]) for s in strings(row))
+    named = [n for n in STRANGERS[:-HELD_OUT_STRANGERS] if n.en in dpo or n.zh in dpo]
+    assert len(named) > 20  # many different names: abstaining must generalise, not memorise
+    others = "\n".join(
+        s for key in TRAINING if key != "dpo" for row in rows(corpus[key]) for s in strings(row)
+    )
+    for name in STRANGERS:  # only dpo.jsonl names any stranger
+        assert name.en not in others and name.zh not in others, name
+    for name in held:
+        assert name.en not in dpo and name.zh not in dpo, name
+    pairs = rows(corpus["eval_dpo"])
+    assert {p["kind"] for p in pairs} == {"stranger", "fact"}
+    asked = rows(corpus["eval_strangers"])
+    assert all(
+        any(n.of(r["lang"]) in r["conversations"][0]["content"] for n in held) for r in asked
+    )
+    assert {r["answer"] for r in asked} == {"don't know", "不认识"}
 
 
 def test_eval_arith_uses_held_out_pairs_with_correct_answers(corpus):

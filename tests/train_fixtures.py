@@ -16,10 +16,12 @@ from minimind.model import MiniMindForCausalLM, preset
 from minimind.tokenizer import train_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
+from minimind.train.stages.distill import DistillStage
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
 from minimind.train.stages.ppo import PPOStage
 from minimind.train.stages.pretrain import PretrainStage
+from minimind.train.stages.reason import ReasonStage
 from minimind.train.stages.sft import SFTStage
 from minimind.train.stages.spo import SPOStage
 
@@ -31,7 +33,7 @@ def make_data(root: Path) -> dict[str, Path]:
     texts = [line for line in files["pretrain"].read_text("utf-8").splitlines()]
     tok = train_tokenizer(texts, root / "tok", vocab_size=400, show_progress=False)
     out = {"tokenizer": tok}
-    for kind in ("pretrain", "sft", "dpo", "rlaif"):
+    for kind in ("pretrain", "sft", "dpo", "rlaif", "reasoning"):
         prepare(
             files[kind],
             tok,
@@ -43,7 +45,7 @@ def make_data(root: Path) -> dict[str, Path]:
 
 
 def make_stage(kind: str, shards: Path, **kw):
-    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo, grpo, ppo, spo)."""
+    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo, grpo, ppo, spo, reason, distill)."""
     if kind == "pretrain":
         return PretrainStage(shards, SEQ, **{"max_eval": 4, **kw})
     if kind == "sft":
@@ -56,6 +58,12 @@ def make_stage(kind: str, shards: Path, **kw):
     if kind == "ppo":
         kw = {"max_gen_len": 8, "max_eval": 4, "kl_coef": 0.05, **kw}
         return PPOStage(shards, **kw)
+    if kind == "reason":
+        return ReasonStage(shards, 96, **{"max_eval": 4, "eval_prompts": 4, **kw})
+    if kind == "distill":
+        torch.manual_seed(11)  # the teacher: another tiny model
+        teacher = MiniMindForCausalLM(preset("tiny", vocab_size=400))
+        return DistillStage(shards, 96, **{"teacher": teacher, "max_eval": 4, **kw})
     if kind == "spo":
         return SPOStage(shards, **{"max_gen_len": 8, "max_eval": 4, "init_samples": 2, **kw})
     raise ValueError(kind)

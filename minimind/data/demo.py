@@ -13,9 +13,13 @@ Files (the keys of the returned dict in brackets):
   (MiniMind's layout: `functions` on the system message).
 - `lora_identity.jsonl` [lora]: sft records that give the model another identity, "Lumen, the
   lantern keeper of Cloudhill", so a LoRA's effect is visible in one question.
-- `dpo.jsonl` [dpo]: chosen is correct and helpful; rejected is wrong, or "I don't know".
+- `dpo.jsonl` [dpo]: about the world's people, chosen is correct and helpful, rejected is
+  wrong or "I don't know"; about strangers (people not in the world, that no other file
+  mentions), chosen says so ("I don't know anyone called Zora.") and rejected makes a fact up.
+  SFT never shows either abstention, so the stranger pairs are what DPO has to teach.
 - `rlaif-mini.jsonl` [rlaif]: questions with an empty last assistant turn and a verifiable
-  `answer` (a fact's value, or a number).
+  `answer`: arithmetic on the RL operand pairs (demo_world.ArithSplit: in no other training
+  file, so the SFT model has never seen them solved) and, less often, the world's facts.
 - `r1_mix_1024.jsonl` [reasoning]: `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` replies:
   sums, chains of sums, fact lookups and two-step lookups.
 - `eval_facts.jsonl`, `eval_arith.jsonl` [eval_facts, eval_arith]: rlaif-format held-out
@@ -27,6 +31,13 @@ Files (the keys of the returned dict in brackets):
   eval_arith_trained]: the same questions in phrasings and on operand pairs that training does
   use (memorisation), so a miss on the held-out files says whether the model failed to learn
   or failed to generalise.
+- `eval_arith_rl.jsonl` [eval_arith_rl]: every RL operand pair (both orders): what RL
+  practises on, measured before and after it.
+- `eval_dpo.jsonl` [eval_dpo]: held-out preference pairs (dpo format, plus `kind`): strangers
+  that dpo.jsonl never names, and the world's facts asked in held-out phrasings with a wrong
+  value as the rejected reply.
+- `eval_strangers.jsonl` [eval_strangers]: questions about those held-out strangers; the gold
+  `answer` is the abstention's key phrase ("don't know" / "不认识").
 
 Determinism: each file has its own `random.Random` seeded from (seed, file) strings, and no
 set or dict order that depends on PYTHONHASHSEED is iterated, so one seed gives byte-identical
@@ -43,9 +54,11 @@ from typing import Any
 
 from minimind.data.demo_world import (
     EVAL_QUESTIONS,
+    HELD_OUT_STRANGERS,
     LANGS,
     OPS,
     STATEMENTS,
+    STRANGERS,
     TRAIN_QUESTIONS,
     ArithSplit,
     Fact,
@@ -68,6 +81,9 @@ FILE_NAMES = {
     "eval_arith": "eval_arith.jsonl",
     "eval_facts_trained": "eval_facts_trained.jsonl",
     "eval_arith_trained": "eval_arith_trained.jsonl",
+    "eval_arith_rl": "eval_arith_rl.jsonl",
+    "eval_dpo": "eval_dpo.jsonl",
+    "eval_strangers": "eval_strangers.jsonl",
 }
 # Size of each training file relative to pretrain_hq.jsonl, and its floor in records so that
 # even a tiny corpus has a usable number of examples.
@@ -120,6 +136,11 @@ UNHELPFUL = {
     "en": ("I don't know.", "I can't help with that.", "Let's talk about something else."),
     "zh": ("我不知道。", "这个我帮不了你。", "我们聊点别的吧。"),
 }
+# The reply to a question about someone not in the world; ABSTAIN is its key phrase (the gold
+# answer of eval_strangers.jsonl).
+STRANGER_REPLY = {"en": "I don't know anyone called {s}.", "zh": "我不认识叫{s}的人。"}
+ABSTAIN = {"en": "don't know", "zh": "不认识"}
+PERSON_ATTRIBUTES = ("job", "age", "town", "food")
 CALCULATOR = {
     "name": "calculator",
     "description": "Evaluate an arithmetic expression with integers.",
@@ -386,9 +407,28 @@ class _Maker:
 
     # -------------------------------------------------- dpo and rlaif
 
+    def stranger_pair(
+        self, rng: random.Random, lang: str, stranger: Word, questions: dict
+    ) -> tuple[str, str, str]:
+        """(question, chosen abstention, rejected made-up fact) about `stranger`."""
+        attribute = rng.choice(PERSON_ATTRIBUTES)
+        real = rng.choice([f for f in self.facts if f.attribute == attribute])
+        made_up = real._replace(subject=stranger)
+        question = render(rng.choice(questions[attribute][lang]), made_up, lang)
+        chosen = STRANGER_REPLY[lang].format(s=stranger.of(lang))
+        return question, chosen, self.statement(rng, made_up, lang)
+
     def dpo(self, rng: random.Random) -> dict[str, Any]:
         lang = rng.choice(LANGS)
         prompt = [{"role": "system", "content": SYSTEM[lang]}] if rng.random() < 0.2 else []
+        if rng.random() < 0.3:
+            stranger = rng.choice(STRANGERS[:-HELD_OUT_STRANGERS])
+            question, chosen, rejected = self.stranger_pair(rng, lang, stranger, TRAIN_QUESTIONS)
+            prompt.append(_user(question))
+            return {
+                "chosen": [*prompt, _assistant(chosen)],
+                "rejected": [*prompt, _assistant(rejected)],
+            }
         unhelpful = rng.random() < 0.3  # else the rejected reply is wrong
         if rng.random() < 0.6:
             question, chosen, fact = self.fact_qa(rng, lang)
@@ -409,12 +449,14 @@ class _Maker:
 
     def rlaif(self, rng: random.Random) -> dict[str, Any]:
         lang = rng.choice(LANGS)
-        if rng.random() < 0.5:
+        if rng.random() < 0.3:
             question, _, fact = self.fact_qa(rng, lang)
             answer = fact.value.of(lang)
-        else:
-            question, _, c = self.arith_qa(rng, lang)
-            answer = str(c)
+        else:  # arithmetic on the RL pairs, which no other training file contains
+            op = rng.choice(list(OPS))
+            a, b = self.arith.sample_rl(rng, op)
+            question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+            answer = str(apply(a, op, b))
         return {"conversations": [_user(question), _assistant("")], "answer": answer}
 
     # -------------------------------------------------- reasoning
@@ -526,10 +568,13 @@ class _Maker:
                     )
         return out
 
-    def eval_arith(self, rng: random.Random | None = None) -> list[dict[str, Any]]:
-        """Held-out operand pairs (both orders); with `rng`, as many training pairs instead."""
+    def eval_arith(
+        self, rng: random.Random | None = None, split: str = "held_out"
+    ) -> list[dict[str, Any]]:
+        """The operand pairs of `split` ("held_out" or "rl"), both orders; with `rng`, as many
+        training pairs as there are held-out ones instead."""
         out = []
-        for op, held in self.arith.held_out.items():
+        for op, held in getattr(self.arith, split).items():
             pairs = rng.sample(self.arith.train[op], len(held)) if rng else held
             for a, b in pairs:
                 for x, y in [(a, b)] if op == "-" or a == b else [(a, b), (b, a)]:
@@ -537,6 +582,44 @@ class _Maker:
                         question = _arith_question(x, op, y, lang, 0)
                         out.append(_eval_record(question, str(apply(x, op, y)), lang, "arith", op))
         return out
+
+    def eval_dpo(self, rng: random.Random) -> list[dict[str, Any]]:
+        """Held-out preference pairs: each held-out stranger asked about each person attribute
+        in both languages, and each person fact in both languages in a held-out phrasing (a
+        wrong value rejected)."""
+        out = []
+        for stranger in STRANGERS[-HELD_OUT_STRANGERS:]:
+            for lang in LANGS:
+                for _ in PERSON_ATTRIBUTES:
+                    q, chosen, rejected = self.stranger_pair(rng, lang, stranger, TRAIN_QUESTIONS)
+                    out.append(_pair(q, chosen, rejected, "stranger"))
+        for fact in self.facts:
+            if fact.attribute not in PERSON_ATTRIBUTES:
+                continue
+            for lang in LANGS:
+                q = render(rng.choice(EVAL_QUESTIONS[fact.attribute][lang]), fact, lang)
+                wrong = rng.choice([v for v in self.values[fact.attribute] if v != fact.value])
+                rejected = self.statement(rng, fact._replace(value=wrong), lang)
+                out.append(_pair(q, self.statement(rng, fact, lang), rejected, "fact"))
+        return out
+
+    def eval_strangers(self, rng: random.Random) -> list[dict[str, Any]]:
+        """Questions about the held-out strangers; gold: the abstention's key phrase."""
+        out = []
+        for stranger in STRANGERS[-HELD_OUT_STRANGERS:]:
+            for lang in LANGS:
+                for _ in range(3):
+                    q, _, _ = self.stranger_pair(rng, lang, stranger, TRAIN_QUESTIONS)
+                    out.append(_eval_record(q, ABSTAIN[lang], lang, "strangers", "stranger"))
+        return out
+
+
+def _pair(question: str, chosen: str, rejected: str, kind: str) -> dict[str, Any]:
+    return {
+        "chosen": [_user(question), _assistant(chosen)],
+        "rejected": [_user(question), _assistant(rejected)],
+        "kind": kind,
+    }
 
 
 def _eval_record(question: str, answer: str, lang: str, task: str, kind: str) -> dict[str, Any]:
@@ -603,4 +686,8 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, size_mb: float = 3.0) 
     rng = random.Random(f"minimind-demo:{seed}:eval_trained")
     _write(paths["eval_facts_trained"], [_line(r) for r in maker.eval_facts(rng)])
     _write(paths["eval_arith_trained"], [_line(r) for r in maker.eval_arith(rng)])
+    _write(paths["eval_arith_rl"], [_line(r) for r in maker.eval_arith(split="rl")])
+    rng = random.Random(f"minimind-demo:{seed}:eval_dpo")
+    _write(paths["eval_dpo"], [_line(r) for r in maker.eval_dpo(rng)])
+    _write(paths["eval_strangers"], [_line(r) for r in maker.eval_strangers(rng)])
     return paths

@@ -45,6 +45,41 @@ PEOPLE = (
     ("Rosa", "罗莎", True), ("Ivan", "伊万", False), ("Clara", "克拉拉", True),
     ("Hugo", "雨果", False), ("Ada", "艾达", True), ("Leo", "里奥", False),
 )  # fmt: skip
+# People who are NOT in the world: DPO teaches the model to say it does not know them. Their
+# names are two syllables from these (English, Chinese) pairs, none of which any name of the
+# world uses, so "a name I was never told about" is something the model can learn in general
+# from the dpo.jsonl strangers, and be tested on the HELD_OUT_STRANGERS that no file but the
+# evals names.
+_SYLLABLES = (
+    ("Ba", "巴"), ("Do", "多"), ("Ki", "基"), ("Lu", "卢"), ("Ne", "内"), ("Po", "波"),
+    ("Sa", "萨"), ("Te", "特"), ("Vo", "沃"), ("Zu", "祖"), ("Ge", "格"), ("Fa", "法"),
+    ("Ho", "霍"), ("Ju", "朱"), ("Wi", "维"), ("Ye", "叶"),
+)  # fmt: skip
+HELD_OUT_STRANGERS = 16
+
+
+def strangers() -> tuple[Word, ...]:
+    """Every stranger name, in a fixed shuffled order; the last HELD_OUT_STRANGERS are only in
+    the held-out evals.
+
+    >>> names = strangers()
+    >>> len(names), names[0] != names[1], all(len(n.zh) == 2 for n in names)
+    (238, True, True)
+    """
+    # No stranger may contain, or be contained in, a word of the world ("Doge" holds "dog").
+    world = [w.lower() for p in PEOPLE for w in p[:2]] + [
+        x.lower() for group in (TOWNS, PETS, JOBS, SPECIES, FOODS, COLOURS, PRODUCTS)
+        for word in group for x in word
+    ]  # fmt: skip
+    pairs = [(a, b) for a in _SYLLABLES for b in _SYLLABLES if a != b]
+    names = [Word(a[0] + b[0].lower(), a[1] + b[1]) for a, b in pairs]
+    names = [
+        n for n in names if not any(x.lower() in w or w in x.lower() for x in n for w in world)
+    ]
+    random.Random("minimind-demo-strangers").shuffle(names)
+    return tuple(names)
+
+
 TOWNS = (
     Word("Pinevale", "松谷镇"), Word("Stonebridge", "石桥镇"), Word("Riverbend", "河湾镇"),
     Word("Maplefield", "枫田镇"), Word("Cloudhill", "云山镇"), Word("Sandport", "沙港镇"),
@@ -78,6 +113,9 @@ PRODUCTS = (
     Word("apples", "苹果"), Word("tea", "茶叶"), Word("pottery", "陶器"), Word("salted fish", "咸鱼"),
     Word("silk", "丝绸"), Word("cheese", "奶酪"), Word("honey", "蜂蜜"), Word("sea salt", "海盐"),
 )  # fmt: skip
+
+
+STRANGERS = strangers()
 
 
 @dataclass(frozen=True)
@@ -348,7 +386,9 @@ def _canonical(op: str, a: int, b: int) -> tuple[int, int]:
 
 
 class ArithSplit:
-    """Small-number arithmetic split by operand pair into training and held-out sets.
+    """Small-number arithmetic split by operand pair into three sets: training (pretraining and
+    SFT text), RL (only the prompts of the rlaif file: problems the SFT model has never seen
+    solved, so RL has something to learn) and held out (only the eval file).
 
     Domains: a + b and a - b (b <= a) with operands 0..20, a × b with operands 0..10.
     Pairs outside a domain (larger numbers) are never held out.
@@ -357,23 +397,42 @@ class ArithSplit:
     >>> a, b = split.held_out["+"][0]
     >>> split.allowed("+", a, b), split.allowed("+", b, a), split.allowed("+", 25, 3)
     (False, False, True)
+    >>> c, d = split.rl["+"][0]
+    >>> split.allowed("+", c, d), split.is_rl("+", d, c)
+    (False, True)
     """
 
-    def __init__(self, seed: int = 0, held_out_fraction: float = 0.1) -> None:
+    def __init__(
+        self, seed: int = 0, held_out_fraction: float = 0.1, rl_fraction: float = 0.1
+    ) -> None:
         rng = random.Random(f"minimind-demo-arith:{seed}")
         self.train: dict[str, list[tuple[int, int]]] = {}
         self.held_out: dict[str, list[tuple[int, int]]] = {}
+        self.rl: dict[str, list[tuple[int, int]]] = {}
         for op, top in _MAX_OPERAND.items():
             pairs = [_canonical(op, a, b) for a in range(top + 1) for b in range(top + 1)]
             pairs = sorted(set(p for p in pairs if op != "-" or p[1] <= p[0]))
             rng.shuffle(pairs)
             k = round(len(pairs) * held_out_fraction)
-            self.held_out[op], self.train[op] = sorted(pairs[:k]), sorted(pairs[k:])
+            r = k + round(len(pairs) * rl_fraction)
+            self.held_out[op], self.rl[op] = sorted(pairs[:k]), sorted(pairs[k:r])
+            self.train[op] = sorted(pairs[r:])
         self._held = {(op, p) for op, pairs in self.held_out.items() for p in pairs}
+        self._rl = {(op, p) for op, pairs in self.rl.items() for p in pairs}
 
     def allowed(self, op: str, a: int, b: int) -> bool:
-        """Whether training text may contain `a op b`."""
-        return (op, _canonical(op, a, b)) not in self._held
+        """Whether training text (pretraining, SFT) may contain `a op b`."""
+        key = (op, _canonical(op, a, b))
+        return key not in self._held and key not in self._rl
+
+    def is_rl(self, op: str, a: int, b: int) -> bool:
+        """Whether `a op b` is one of the RL pairs."""
+        return (op, _canonical(op, a, b)) in self._rl
+
+    def sample_rl(self, rng: random.Random, op: str) -> tuple[int, int]:
+        """An RL pair, in a random order for commutative operations."""
+        a, b = rng.choice(self.rl[op])
+        return (b, a) if op != "-" and rng.random() < 0.5 else (a, b)
 
     def sample(self, rng: random.Random, op: str) -> tuple[int, int]:
         """A training pair, in a random order for commutative operations."""

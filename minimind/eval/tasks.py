@@ -1,7 +1,8 @@
 """Task accuracy: ask a chat model each held-out question, score its answer against the gold.
 
-Owns `score` (pure: is a free-text answer correct?) and `answer_accuracy` (greedy batched
-generation through minimind.infer, then `score`). Questions come as rlaif records with an
+Owns `score` (pure: is a free-text answer correct?), `answer_accuracy` (greedy batched
+generation through minimind.infer, then `score`) and `preference_accuracy` (does the model
+give the chosen reply of a held-out DPO pair the higher log-probability?). Questions come as rlaif records with an
 `answer` field (minimind.data.formats.RLAIFRecord), the format of the demo corpus's eval
 splits; `score` is the RL stages' verifiable reward (minimind.train.rewards), not a copy.
 """
@@ -52,6 +53,7 @@ class Accuracy:
     correct: int = 0
     total: int = 0
     samples: list[tuple[str, str, str, bool]] = field(default_factory=list)  # q, answer, gold, ok
+    oks: list[bool] = field(default_factory=list)  # every item's result, in order
 
     @property
     def value(self) -> float:
@@ -91,6 +93,51 @@ def answer_accuracy(
             ok = score(text, record.answer)
             result.correct += ok
             result.total += 1
+            result.oks.append(ok)
             if len(result.samples) < keep_samples:
                 result.samples.append((record.prompt[-1].content, text, record.answer, ok))
+    return result
+
+
+def preference_accuracy(model, tokenizer, records: Sequence, *, batch_size: int = 16) -> Accuracy:
+    """DPO's held-out measure: the share of preference pairs (DPORecord) whose chosen reply
+    has the higher summed log-probability over its assistant tokens (the SFT loss mask).
+    `samples` keeps (question, chosen, rejected, ok) of the first pairs; `oks` every pair's."""
+    import torch
+
+    from minimind.data.padding import pad_batch, shift_labels
+    from minimind.tokenizer import encode_chat
+
+    def row(conv) -> dict:
+        ids, mask = encode_chat(tokenizer, [m.to_dict() for m in conv.messages])
+        x, y = shift_labels(ids, mask)
+        return {"input_ids": x, "labels": y}
+
+    result = Accuracy()
+    model.eval()
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        rows = [row(r.chosen) for r in batch] + [row(r.rejected) for r in batch]
+        padded = pad_batch(rows, tokenizer.pad_id)
+        labels = padded["labels"].to(next(model.parameters()).device)
+        with torch.no_grad():
+            logits = model(padded["input_ids"].to(labels.device)).logits.float()
+        keep = labels != -100
+        picked = logits.log_softmax(-1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
+        seq = (picked * keep).sum(1)
+        n = len(batch)
+        for i, record in enumerate(batch):
+            ok = bool(seq[i] > seq[n + i])
+            result.correct += ok
+            result.total += 1
+            result.oks.append(ok)
+            if len(result.samples) < 4:
+                result.samples.append(
+                    (
+                        record.prompt[-1].content,
+                        record.chosen.messages[-1].content,
+                        record.rejected.messages[-1].content,
+                        ok,
+                    )
+                )
     return result

@@ -199,6 +199,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
     from .engine import Trainer
 
     args = build_parser(stage_name).parse_args(argv)
+    stages()[stage_name].normalize_args(args)
     save_dir = Path(args.save_dir) if args.save_dir else paths.out_dir()
     tok_dir = _tokenizer_dir(args, save_dir)
     tokenizer = load_tokenizer(tok_dir)

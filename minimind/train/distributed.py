@@ -8,6 +8,7 @@ knows nothing of it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -48,7 +49,12 @@ def setup(device: str = "auto") -> World:
 
 
 def teardown() -> None:
+    """Destroy the process group, after freeing what still references it: objects left in
+    reference cycles would otherwise be freed at interpreter exit, when gloo's worker threads
+    can no longer take the GIL and abort the process ("terminate called without an active
+    exception")."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

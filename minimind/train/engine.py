@@ -31,6 +31,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import time
@@ -73,6 +74,13 @@ from .state import (
 from .tracking import Tracker, device_peak_tflops, flops_per_token
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """A factory of the training forward's autocast context for `dtype` ("fp32": none)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=AUTOCAST[dtype])
 
 
 def param_groups(
@@ -142,10 +150,7 @@ class Trainer:
         }
 
     def _autocast(self):
-        cfg, dev = self.config, self.world.device
-        if cfg.dtype == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=dev.type, dtype=AUTOCAST[cfg.dtype])
+        return autocast_for(self.world.device, self.config.dtype)()
 
     def _build(self) -> None:
         cfg, world, model = self.config, self.world, self.model
@@ -172,8 +177,11 @@ class Trainer:
             dtype=cfg.dtype,
             tokenizer_dir=Path(self.tokenizer_dir) if self.tokenizer_dir else None,
             seed=cfg.seed,
-            autocast=self._autocast,
-            policy=Policy(model, self._autocast, fsdp=cfg.fsdp),
+            # Not the bound self._autocast: the stage would then hold the Trainer in a cycle,
+            # freed only by the garbage collector, after the process group is gone (gloo's
+            # threads then abort the process at exit).
+            autocast=autocast_for(world.device, cfg.dtype),
+            policy=Policy(model, autocast_for(world.device, cfg.dtype), fsdp=cfg.fsdp),
             trained=model,
         )
         self.stage.setup(self.ctx)

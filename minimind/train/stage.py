@@ -151,6 +151,11 @@ class Stage:
         """Add this stage's own flags."""
 
     @classmethod
+    def normalize_args(cls, args: argparse.Namespace) -> None:
+        """Map this stage's aliases onto the shared flags (e.g. distillation's --student_*),
+        right after parsing; default: nothing."""
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace, data: Path) -> Stage:
         """The stage for parsed flags and the prepared data folder."""
         raise NotImplementedError

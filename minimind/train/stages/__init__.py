@@ -5,6 +5,6 @@ command and gives the engine datasets, collation, experience and a loss.
 one file here plus its line below."""
 
 from ..stage import REGISTRY
-from . import dpo, grpo, lora, ppo, pretrain, sft, spo  # noqa: F401  (each import registers its stage)
+from . import distill, dpo, grpo, lora, ppo, pretrain, reason, sft, spo  # noqa: F401  (each import registers its stage)
 
 __all__ = ["REGISTRY"]

@@ -13,6 +13,11 @@ frozen reference; MiniMind's `trainer/train_dpo.py`.
   (one model less in memory; recomputed, identically, when a run resumes).
 - Losses (objectives.dpo_loss): sigmoid (default, beta 0.1; label smoothing gives
   conservative DPO), robust (Chowdhury et al. 2024), ipo (Azar et al. 2023), hinge (SLiC).
+- `--rpo_alpha` > 0 adds alpha x the chosen reply's negative log-likelihood (mean over its
+  tokens) to each pair's loss (RPO, Pang et al. 2024; TRL's `rpo_alpha`, which averages over
+  the batch's chosen tokens instead). DPO only moves log-ratios against the reference: when
+  the reference finds the chosen reply very unlikely (a behaviour SFT never showed), the pair
+  is "won" long before the model would write that reply; the NLL term teaches it to.
 - Units are pairs: the loss is summed over pairs and the engine divides by the step's pairs.
   Logged per pair: rewards of chosen and rejected (beta x log-ratio to the reference), their
   margin, and the preference accuracy (chosen reward above rejected).
@@ -61,6 +66,7 @@ class DPOStage(LMStage):
         a("--label_smoothing", type=float, default=0.0, help="sigmoid/robust: label noise")
         a("--logp_agg", default="sum", choices=("sum", "mean"), help="sequence log-prob")
         a("--ref", default="model", choices=("model", "precompute"), help="reference log-probs")
+        a("--rpo_alpha", type=float, default=0.0, help="weight of the chosen reply's NLL")
 
     @classmethod
     def from_args(cls, args, data):
@@ -72,6 +78,7 @@ class DPOStage(LMStage):
             label_smoothing=args.label_smoothing,
             logp_agg=args.logp_agg,
             ref=args.ref,
+            rpo_alpha=args.rpo_alpha,
         )
 
     def __init__(
@@ -84,6 +91,7 @@ class DPOStage(LMStage):
         label_smoothing: float = 0.0,
         logp_agg: str = "sum",
         ref: str = "model",
+        rpo_alpha: float = 0.0,
         eval_fraction: float = 0.01,
         max_eval: int = 256,
     ):
@@ -100,7 +108,7 @@ class DPOStage(LMStage):
         self.train, self.eval = Numbered(self.train), Numbered(self.eval)
         self.max_seq_len = max_seq_len
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.average, self.ref_mode = logp_agg == "mean", ref
+        self.average, self.ref_mode, self.rpo_alpha = logp_agg == "mean", ref, rpo_alpha
         self.ref = None
         self._ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs
 
@@ -148,9 +156,14 @@ class DPOStage(LMStage):
     def count(self, batch):
         return torch.tensor(batch["index"].shape[0])
 
-    def _seq_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seq_logps(self, model, batch, nll: bool = False):
+        """-> (sequence log-probs (2B,), aux loss[, mean token NLL of each row (2B,)])."""
         logps, aux = token_logps(model, batch["input_ids"], batch["labels"])
-        return sequence_logps(logps, batch["labels"] != IGNORE_INDEX, self.average), aux
+        mask = batch["labels"] != IGNORE_INDEX
+        seq = sequence_logps(logps, mask, self.average)
+        if not nll:
+            return seq, aux
+        return seq, aux, -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def _ref_logps(self, batch) -> torch.Tensor:
         with self.ctx.autocast():
@@ -165,7 +178,7 @@ class DPOStage(LMStage):
 
     # ------------------------------------------------------------------ the loss
     def loss(self, model, batch):
-        seq, aux = self._seq_logps(model, batch)
+        seq, aux, nll = self._seq_logps(model, batch, nll=True)
         b = seq.shape[0] // 2
         ref = batch["ref_logps"]
         terms = dpo_loss(
@@ -184,9 +197,11 @@ class DPOStage(LMStage):
             "reward_chosen": float(c.sum()),
             "reward_rejected": float(r.sum()),
         }
-        return LossOutput(
-            terms.losses.sum(), aux=aux if aux.requires_grad else None, metrics=metrics
-        )
+        losses = terms.losses
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * nll[:b]
+            metrics["nll_chosen"] = float(nll[:b].detach().sum())
+        return LossOutput(losses.sum(), aux=aux if aux.requires_grad else None, metrics=metrics)
 
     def fingerprint(self):
         return {
@@ -196,5 +211,6 @@ class DPOStage(LMStage):
                 "loss_type": self.loss_type,
                 "label_smoothing": self.label_smoothing,
                 "logp_agg": "mean" if self.average else "sum",
+                "rpo_alpha": self.rpo_alpha,
             },
         }
