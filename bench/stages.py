@@ -3,12 +3,15 @@ checkpoint, on the demo corpus, with the held-out measures before and after (pri
 writes bench/results/stages.json). An evaluation, not a timed test: it asserts nothing.
 
 Measures (greedy decoding, the demo's held-out splits):
-- GRPO, PPO, SPO: held-out arithmetic accuracy (`eval_arith.jsonl`: operand pairs never
-  trained) before and after RL on the arithmetic prompts of `rlaif-mini.jsonl` (answer
-  reward), with steps, minutes and the rollout/update split of a step.
-- DPO: preference accuracy on held-out pairs (the summed log-prob of the chosen reply above
-  the rejected one's; the last `--dpo-eval` pairs of `dpo.jsonl`, never trained on) before and
-  after, and the held-out SFT loss before and after (DPO must not wreck the chat model).
+- GRPO, PPO, SPO: arithmetic accuracy on the RL operand pairs (`eval_arith_rl.jsonl`: what
+  the rlaif prompts ask, never in pretraining or SFT text) and on the held-out pairs
+  (`eval_arith.jsonl`: in no training file at all), before and after RL on the arithmetic
+  prompts of `rlaif-mini.jsonl` (answer reward), with steps, minutes and the rollout/update
+  split of a step.
+- DPO (the demo's recipe: RPO alpha 1): preference accuracy on `eval_dpo.jsonl` (held-out
+  pairs, minimind.eval.tasks.preference_accuracy), the share of questions about held-out
+  strangers declined in generation, and the held-out SFT loss, before and after (DPO must not
+  wreck the chat model).
 
     python bench/stages.py --workdir runs/demo      # the folder `minimind demo` wrote
 """
@@ -27,11 +30,11 @@ import torch
 from minimind.checkpoint import load_checkpoint
 from minimind.data.formats import RecordReader
 from minimind.data.prepare import prepare
-from minimind.eval.tasks import answer_accuracy
+from minimind.eval.tasks import answer_accuracy, preference_accuracy
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
-from minimind.train.stage import IGNORE_INDEX, token_logps
+from minimind.train.stage import IGNORE_INDEX
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
 from minimind.train.stages.ppo import PPOStage
@@ -48,26 +51,27 @@ def sft_checkpoint(workdir: Path) -> Path:
     return found[-1]
 
 
-def arith(model, tok, workdir: Path) -> dict:
-    records = list(RecordReader(workdir / "dataset" / "eval_arith.jsonl"))
+def ask(model, tok, workdir: Path, name: str) -> dict:
+    records = list(RecordReader(workdir / "dataset" / f"{name}.jsonl"))
     acc = answer_accuracy(model, tok, records, max_new_tokens=24)
     return {"correct": acc.correct, "total": acc.total, "accuracy": acc.value}
 
 
-@torch.no_grad()
-def preference_accuracy(model, stage: DPOStage) -> float:
-    """Share of held-out pairs whose chosen reply has the higher summed log-prob."""
-    model.eval()
-    wins = total = 0
-    data = stage.eval_dataset()
-    for start in range(0, len(data), 16):
-        batch = stage.collate([data[i] for i in range(start, min(start + 16, len(data)))])
-        logps, _ = token_logps(model, batch["input_ids"], batch["labels"])
-        seq = (logps * (batch["labels"] != IGNORE_INDEX)).sum(1)
-        b = seq.shape[0] // 2
-        wins += int((seq[:b] > seq[b:]).sum())
-        total += b
-    return wins / max(total, 1)
+def arith(model, tok, workdir: Path) -> dict:
+    return {
+        "rl_pairs": ask(model, tok, workdir, "eval_arith_rl"),
+        "held_out": ask(model, tok, workdir, "eval_arith"),
+    }
+
+
+def dpo_measures(model, tok, workdir: Path, sft: SFTStage) -> dict:
+    pairs = list(RecordReader(workdir / "dataset" / "eval_dpo.jsonl"))
+    return {
+        "preference": preference_accuracy(model, tok, pairs).value,
+        "declines_strangers": ask(model, tok, workdir, "eval_strangers")["accuracy"],
+        "facts_held_out": ask(model, tok, workdir, "eval_facts")["accuracy"],
+        "sft_loss": sft_loss(model, sft),
+    }
 
 
 @torch.no_grad()
@@ -106,6 +110,7 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
     stage = rl_stage(kind, tmp / "shards_rlaif", args)
     config = TrainConfig(
         out_dir=str(tmp / kind),
+        epochs=1000,  # max_steps decides
         max_steps=args.rl_steps,
         # prompts per step: GRPO's G completions each; PPO and SPO one each, so they get G x
         # the prompts and every method samples the same number of completions per step
@@ -128,8 +133,8 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
         "prompts": len(rows),
         "steps": trainer.step,
         "minutes": minutes,
-        "held_out_arith_before": before,
-        "held_out_arith_after": after,
+        "arith_before": before,
+        "arith_after": after,
         "train_reward_first": steps[0]["reward"],
         "train_reward_last": steps[-1]["reward"],
         "experience_s_per_step": sum(m.get("experience_s", 0) for m in steps) / len(steps),
@@ -146,13 +151,16 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
 
 def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
     model, _ = load_checkpoint(ckpt)
-    prepare(args.workdir / "dataset" / "dpo.jsonl", ckpt, tmp / "shards_dpo", max_seq_len=128)
+    tok = load_tokenizer(ckpt)
+    prepare(args.workdir / "dataset" / "dpo.jsonl", ckpt, tmp / "shards_dpo", max_seq_len=256)
     prepare(
-        args.workdir / "dataset" / "sft_mini_512.jsonl", ckpt, tmp / "shards_sft", max_seq_len=128
+        args.workdir / "dataset" / "sft_mini_512.jsonl", ckpt, tmp / "shards_sft", max_seq_len=256
     )
-    stage = DPOStage(tmp / "shards_dpo", 128, beta=0.1, eval_fraction=0.2, max_eval=args.dpo_eval)
-    sft = SFTStage(tmp / "shards_sft", 128, max_eval=256)
-    before = {"pref": preference_accuracy(model, stage), "sft_loss": sft_loss(model, sft)}
+    stage = DPOStage(
+        tmp / "shards_dpo", 256, beta=args.dpo_beta, rpo_alpha=args.rpo_alpha, max_eval=64
+    )
+    sft = SFTStage(tmp / "shards_sft", 256, max_eval=256)
+    before = dpo_measures(model, tok, args.workdir, sft)
     config = TrainConfig(
         out_dir=str(tmp / "dpo"),
         epochs=args.dpo_epochs,
@@ -166,18 +174,20 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
     trainer = Trainer(config, stage, model.train(), tokenizer_dir=ckpt)
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
-    after = {
-        "pref": preference_accuracy(trainer.model, stage),
-        "sft_loss": sft_loss(trainer.model, sft),
-    }
+    after = dpo_measures(trainer.model.eval(), tok, args.workdir, sft)
     return {
         "train_pairs": len(stage.train_dataset()),
-        "held_out_pairs": len(stage.eval_dataset()),
         "steps": trainer.step,
         "minutes": minutes,
         "before": before,
         "after": after,
-        "settings": {"lr": args.dpo_lr, "epochs": args.dpo_epochs, "beta": 0.1, "batch": 8},
+        "settings": {
+            "lr": args.dpo_lr,
+            "epochs": args.dpo_epochs,
+            "beta": args.dpo_beta,
+            "rpo_alpha": args.rpo_alpha,
+            "batch": 8,
+        },
     }
 
 
@@ -185,15 +195,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--stages", default="dpo,grpo,ppo,spo")
-    p.add_argument("--rl-steps", type=int, default=60)
+    p.add_argument("--rl-steps", type=int, default=160)
     p.add_argument("--rl-batch", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0, help="GRPO beta, PPO kl_coef")
     p.add_argument("--spo-init", type=int, default=4, help="SPO prior samples per prompt")
-    p.add_argument("--dpo-lr", type=float, default=5e-5)
-    p.add_argument("--dpo-epochs", type=int, default=1)
-    p.add_argument("--dpo-eval", type=int, default=128, help="held-out pairs")
+    p.add_argument("--dpo-lr", type=float, default=5e-4)
+    p.add_argument("--dpo-epochs", type=int, default=2)
+    p.add_argument("--rpo-alpha", type=float, default=1.0)
+    p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "stages.json")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -7,8 +7,10 @@ transformers exports (reloaded, logits compared) -> accuracy, beside its chance 
 questions asked as training asks them (memorisation) and on held-out ones (unseen phrasings of
 the world's facts, unseen arithmetic), with sample answers -> DPO (held-out preference
 accuracy, abstaining on people it was never told about, facts kept) -> GRPO (arithmetic on
-the RL operand pairs and on held-out ones), each measured before and after. Distillation
-joins this list when it lands.
+the RL operand pairs and on held-out ones) -> reasoning distillation (the share of held-out
+replies in the think/answer layout), each measured before and after. Knowledge distillation
+(a smaller student) is measured by bench/distill.py: two more trainings would not fit the
+demo's ten minutes.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class Recipe:
     # the chosen reply's NLL beside the DPO loss (RPO): without it the SFT model, which never
     # abstained, wins the stranger pairs on log-ratios without ever preferring the abstention
     dpo_rpo_alpha: float = 1.0
-    grpo_steps: int = 160
+    grpo_steps: int = 128
     grpo_prompts: int = 8  # per step, each sampled grpo_generations times
     grpo_generations: int = 8
     grpo_lr: float = 5e-5
+    reason_epochs: int = 1
+    reason_lr: float = 5e-4
 
 
 def run(
@@ -92,6 +96,7 @@ def run(
     from minimind.train.stages.dpo import DPOStage
     from minimind.train.stages.grpo import GRPOStage
     from minimind.train.stages.pretrain import PretrainStage
+    from minimind.train.stages.reason import ReasonStage
     from minimind.train.stages.sft import SFTStage
 
     r = recipe or Recipe()
@@ -128,7 +133,7 @@ def run(
 
     t0 = _step("4. token shards (pre-tokenized once; chat data with assistant-only loss masks)")
     shards = {}
-    for kind in ("pretrain", "sft", "dpo", "rlaif"):
+    for kind in ("pretrain", "sft", "dpo", "rlaif", "reasoning"):
         shards[kind] = workdir / "shards" / kind
         report = prepare(files[kind], tok_dir, shards[kind], max_seq_len=r.seq_len)
         print(f"   {kind:<9} {report.tokens:>9,} tokens in {report.docs:,} documents")
@@ -297,9 +302,36 @@ def run(
         f"   RL pairs {100 * rl_before:.1f}% -> {100 * rl_after:.1f}%, held-out pairs "
         f"{100 * held_before:.1f}% -> {100 * held_after:.1f}%"
     )
-    print(f"   chat with it:  minimind chat --load_from {ckpt}")
+    _done(t0, f"{trainer.step} steps; {ckpt}")
+
+    t0 = _step("11. reasoning distillation: <think>/<answer> replies, the tags weighted")
+    reason = ReasonStage(shards["reasoning"], r.seq_len, eval_prompts=eval_limit or 32, max_eval=64)
+    before = _format_rate(reason, model, tok_dir)
+    model, trainer, ckpt = train("reason", reason, None, r.reason_epochs, 8, r.reason_lr, model)
+    after = trainer.evaluate()
+    result["reason_format_rate_before"] = before["eval_format_rate"]
+    result["reason_format_rate"] = after["eval_format_rate"]
+    print(
+        f"   held-out replies in the <think>/<answer> layout: "
+        f"{100 * before['eval_format_rate']:.1f}% -> {100 * after['eval_format_rate']:.1f}% "
+        f"(answer block equal to the reference's: {100 * before['eval_answer_match']:.1f}% -> "
+        f"{100 * after['eval_answer_match']:.1f}%)"
+    )
+    print(f"   chat with it:  minimind chat --load_from {ckpt} --enable_thinking 1")
     _done(t0, f"{trainer.step} steps; {ckpt}")
     return result
+
+
+def _format_rate(stage, model, tok_dir: Path) -> dict:
+    """The reasoning stage's evaluation of `model` before it trains (a throwaway engine set-up:
+    the stage's evaluation samples through the engine's policy handle)."""
+    from minimind.train.config import TrainConfig
+    from minimind.train.engine import Trainer
+
+    config = TrainConfig(out_dir=str(tok_dir.parent / "checkpoints" / "probe"))
+    probe = Trainer(config, stage, model, tokenizer_dir=tok_dir)
+    probe._build()  # nothing is written: the probe never trains or saves
+    return probe.evaluate()
 
 
 def main(argv: list[str] | None = None) -> int:

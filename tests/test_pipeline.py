@@ -39,7 +39,8 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capsys):
     for key in ("eval_dpo", "eval_strangers", "eval_arith_rl"):
         assert 0 <= result[f"{key}_before_accuracy"] <= 1 and 0 <= result[f"{key}_accuracy"] <= 1
     assert "preference accuracy" in out and "RL pairs" in out
-    for stage in ("dpo", "grpo"):
+    assert 0 <= result["reason_format_rate"] <= 1 and "think>/<answer> layout" in out
+    for stage in ("dpo", "grpo", "reason"):
         assert logged_losses(tmp_path / "checkpoints" / stage), stage
         assert (tmp_path / "out" / f"{stage}_192" / "model.safetensors").is_file()
 

@@ -56,6 +56,15 @@ def test_a_model_that_decoded_can_train_afterwards():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_rollout_under_bf16_autocast_samples_from_an_fp32_model():
+    # The engine samples under the training autocast: bf16 keys and values go into the fp32
+    # cache of an fp32 (master-weight) model.
+    model = tiny(seed=4)
+    policy = Policy(model, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    ro = rollout(policy, PROMPTS, max_new_tokens=6, temperature=1.0, seed=1, pad_id=0)
+    assert ro.new_tokens > 0 and torch.isfinite(ro.sample_logps).all()
+
+
 def _groups(model):
     from minimind.model.layers import InputGroup
 

@@ -318,3 +318,27 @@ def test_spo_tracker_follows_the_beta_update_and_forgets_faster_when_the_policy_
     total = stage.alpha + stage.beta_
     assert torch.all(total > alpha0 + beta0) and torch.all(total < 1 + 6)
     assert len(stage.last) == 2 and stage.state_dict()["alpha"].shape == (2,)
+
+
+def test_dpo_with_lora_uses_the_base_as_reference_without_a_copy(data, tmp_path):
+    from minimind.model.lora import LoRAConfig
+    from minimind.train.stage import token_logps
+    from minimind.train.stages.dpo import DPOStage
+
+    stage = DPOStage(data["dpo"], 96, lora=LoRAConfig(r=4, alpha=8), max_eval=0)
+    t = fit(stage, tmp_path, data, 3, batch_size=4, learning_rate=1e-2)
+    assert stage.ref is None  # no frozen copy: the reference is the adapted model, adapters off
+    base = tiny_model()  # the starting weights
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    batch = stage.collate([stage.train_dataset()[i] for i in range(4)])
+    got = stage._ref_logps(batch)
+    with torch.no_grad():
+        logps, _ = token_logps(base, batch["input_ids"], batch["labels"])
+    want = (logps * (batch["labels"] != -100)).sum(1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    policy, _ = token_logps(t.model.eval(), batch["input_ids"], batch["labels"])
+    assert not torch.allclose((policy * (batch["labels"] != -100)).sum(1), want)  # it trained
+    out = t.export(tmp_path / "export")
+    assert (out / "adapter.safetensors").is_file()
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))

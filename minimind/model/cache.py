@@ -171,8 +171,10 @@ class SlotLayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, K, 1, D) -> the full (B, K, max_len, D) buffers, written in place."""
         layer = self.parent.layers[self.index]
-        layer.k.index_copy_(2, self.parent.slot, k)
-        layer.v.index_copy_(2, self.parent.slot, v)
+        # Under autocast (sampling from a model trained in bf16) k and v arrive in the autocast
+        # dtype; the buffers keep the model's (the prefill's slice assignment casts likewise).
+        layer.k.index_copy_(2, self.parent.slot, k.to(layer.k.dtype))
+        layer.v.index_copy_(2, self.parent.slot, v.to(layer.v.dtype))
         return layer.k, layer.v
 
 

@@ -26,6 +26,7 @@ state_dict keys are the base model's again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -172,6 +173,22 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block the model computes as its base: every adapter's scaling is 0, so each
+    adapted Linear returns base(x) + 0 x delta = base(x) exactly (DPO's reference without a
+    second copy of the model). Not for a compiled model: scaling is compiled in as a constant."""
+    adapters = list(lora_modules(model).values())
+    saved = [m.scaling for m in adapters]
+    for m in adapters:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, scaling in zip(adapters, saved, strict=True):
+            m.scaling = scaling
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -10,7 +10,10 @@ frozen reference; MiniMind's `trainer/train_dpo.py`.
   frozen copy on the device and runs it in the experience hook of every step; `--ref
   precompute` runs it once over the training pairs before the first step, keeps the (N, 2)
   log-probs in memory, indexed by each pair's position in the data, and frees the copy
-  (one model less in memory; recomputed, identically, when a run resumes).
+  (one model less in memory; recomputed, identically, when a run resumes). With LoRA
+  (`--lora_rank` r > 0) only adapters train and the reference is the trained model itself
+  with its adapters switched off (minimind.model.lora.adapters_off): no copy at all; the
+  export is the merged model plus the adapter files, as `minimind train lora` writes.
 - Losses (objectives.dpo_loss): sigmoid (default, beta 0.1; label smoothing gives
   conservative DPO), robust (Chowdhury et al. 2024), ipo (Azar et al. 2023), hinge (SLiC).
 - `--rpo_alpha` > 0 adds alpha x the chosen reply's negative log-likelihood (mean over its
@@ -34,10 +37,12 @@ from torch.utils.data import DataLoader
 
 from minimind.data.padding import DPODataset, pad_batch
 from minimind.data.shards import Shards
+from minimind.model.lora import lora_config_dict
 
 from ..objectives import DPO_LOSSES, dpo_loss, sequence_logps
 from ..stage import IGNORE_INDEX, LossOutput, Numbered, register, token_logps
 from .lm import LMStage
+from .lora import adapter_files, add_lora_flags, lora_from_args, merged_copy
 
 
 @register
@@ -67,6 +72,7 @@ class DPOStage(LMStage):
         a("--logp_agg", default="sum", choices=("sum", "mean"), help="sequence log-prob")
         a("--ref", default="model", choices=("model", "precompute"), help="reference log-probs")
         a("--rpo_alpha", type=float, default=0.0, help="weight of the chosen reply's NLL")
+        add_lora_flags(parser, rank=0)
 
     @classmethod
     def from_args(cls, args, data):
@@ -79,6 +85,7 @@ class DPOStage(LMStage):
             logp_agg=args.logp_agg,
             ref=args.ref,
             rpo_alpha=args.rpo_alpha,
+            lora=lora_from_args(args),
         )
 
     def __init__(
@@ -92,6 +99,7 @@ class DPOStage(LMStage):
         logp_agg: str = "sum",
         ref: str = "model",
         rpo_alpha: float = 0.0,
+        lora=None,
         eval_fraction: float = 0.01,
         max_eval: int = 256,
     ):
@@ -110,18 +118,32 @@ class DPOStage(LMStage):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.average, self.ref_mode, self.rpo_alpha = logp_agg == "mean", ref, rpo_alpha
         self.ref = None
+        self.lora = lora  # minimind.model.lora.LoRAConfig or None
         self._ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs
 
     # ------------------------------------------------------------------ set-up
     def prepare_model(self, model):
+        if self.lora is not None:
+            from minimind.model.lora import apply_lora
+
+            apply_lora(model, self.lora)
+            self._start = None  # the reference is the base: the adapters switched off
+            return model
         # The reference is the model as it starts, before a resumed run loads its step weights.
         self._start = copy.deepcopy(model)
         return model
 
+    def export_model(self, model):
+        return merged_copy(model) if self.lora is not None else model
+
+    def export_files(self, model):
+        return adapter_files(model, self.lora) if self.lora is not None else {}
+
     def setup(self, ctx):
         super().setup(ctx)
-        self.ref = ctx.frozen(self._start)
-        del self._start
+        if self._start is not None:
+            self.ref = ctx.frozen(self._start)
+        self._start = None
         if self.ref_mode == "precompute":
             self._ref_cache = self._precompute()
             self.ref = None  # the cache replaces the model
@@ -166,11 +188,22 @@ class DPOStage(LMStage):
         return seq, aux, -(logps * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def _ref_logps(self, batch) -> torch.Tensor:
+        if self.lora is not None:  # the trained model with its adapters off, in eval mode
+            from minimind.model.lora import adapters_off
+
+            model = self.ctx.trained
+            was_training = model.training
+            model.eval()
+            try:
+                with adapters_off(model), self.ctx.autocast():
+                    return self._seq_logps(model, batch)[0].float()
+            finally:
+                model.train(was_training)
         with self.ctx.autocast():
             return self._seq_logps(self.ref, batch)[0].float()
 
     def experience(self, batch):
-        if self.ref is not None:
+        if self.ref is not None or (self.lora is not None and self._ref_cache is None):
             batch["ref_logps"] = self._ref_logps(batch)
         else:  # (B, 2) -> (2B,): chosen rows first, as in the batch
             batch["ref_logps"] = self._ref_cache[batch["index"]].T.reshape(-1)
@@ -212,5 +245,6 @@ class DPOStage(LMStage):
                 "label_smoothing": self.label_smoothing,
                 "logp_agg": "mean" if self.average else "sum",
                 "rpo_alpha": self.rpo_alpha,
+                "lora": None if self.lora is None else lora_config_dict(self.lora),
             },
         }

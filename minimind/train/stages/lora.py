@@ -27,6 +27,46 @@ from ..stage import register
 from .sft import SFTStage
 
 
+def merged_copy(model):
+    """A plain copy of an adapted model, adapters merged (the export form)."""
+    plain = copy.deepcopy(model)
+    merge_lora(plain)
+    return plain
+
+
+def adapter_files(model, lora: LoRAConfig) -> dict:
+    """The adapter alone, beside the merged export: adapter.safetensors, adapter_config.json."""
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    return {
+        "adapter.safetensors": lambda path: save_file(tensors, str(path)),
+        "adapter_config.json": json.dumps(lora_config_dict(lora), indent=2),
+    }
+
+
+def add_lora_flags(parser, rank: int = 8) -> None:
+    a = parser.add_argument
+    a(
+        "--lora_rank",
+        type=int,
+        default=rank,
+        help="adapter rank" + (" (0: no LoRA)" if not rank else ""),
+    )
+    a("--lora_alpha", type=float, default=16.0)
+    a("--lora_dropout", type=float, default=0.0)
+    a("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
+def lora_from_args(args) -> LoRAConfig | None:
+    if not args.lora_rank:
+        return None
+    return LoRAConfig(
+        r=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=tuple(args.lora_targets.split(",")),
+    )
+
+
 @register
 class LoRAStage(SFTStage):
     name = "lora"
@@ -41,21 +81,11 @@ class LoRAStage(SFTStage):
 
     @classmethod
     def add_flags(cls, parser):
-        a = parser.add_argument
-        a("--lora_rank", type=int, default=8)
-        a("--lora_alpha", type=float, default=16.0)
-        a("--lora_dropout", type=float, default=0.0)
-        a("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+        add_lora_flags(parser)
 
     @classmethod
     def from_args(cls, args, data):
-        lora = LoRAConfig(
-            r=args.lora_rank,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            target_modules=tuple(args.lora_targets.split(",")),
-        )
-        return cls(data, args.max_seq_len, lora)
+        return cls(data, args.max_seq_len, lora_from_args(args))
 
     def __init__(self, shards: str | Path, max_seq_len: int, lora: LoRAConfig, **kw):
         super().__init__(shards, max_seq_len, **kw)
@@ -66,16 +96,10 @@ class LoRAStage(SFTStage):
         return model
 
     def export_model(self, model):
-        plain = copy.deepcopy(model)
-        merge_lora(plain)
-        return plain
+        return merged_copy(model)
 
     def export_files(self, model):
-        tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-        return {
-            "adapter.safetensors": lambda path: save_file(tensors, str(path)),
-            "adapter_config.json": json.dumps(lora_config_dict(self.lora), indent=2),
-        }
+        return adapter_files(model, self.lora)
 
     def fingerprint(self):
         return {**super().fingerprint(), "lora": lora_config_dict(self.lora)}
