@@ -31,6 +31,7 @@ from minimind.checkpoint import load_checkpoint
 from minimind.data.formats import RecordReader
 from minimind.data.prepare import prepare
 from minimind.eval.tasks import answer_accuracy, preference_accuracy
+from minimind.model.lora import LoRAConfig
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
@@ -70,6 +71,7 @@ def dpo_measures(model, tok, workdir: Path, sft: SFTStage) -> dict:
         "preference": preference_accuracy(model, tok, pairs).value,
         "declines_strangers": ask(model, tok, workdir, "eval_strangers")["accuracy"],
         "facts_held_out": ask(model, tok, workdir, "eval_facts")["accuracy"],
+        "arith_held_out": ask(model, tok, workdir, "eval_arith")["accuracy"],
         "sft_loss": sft_loss(model, sft),
     }
 
@@ -156,8 +158,14 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
     prepare(
         args.workdir / "dataset" / "sft_mini_512.jsonl", ckpt, tmp / "shards_sft", max_seq_len=256
     )
+    lora = LoRAConfig(r=args.dpo_lora, alpha=2.0 * args.dpo_lora) if args.dpo_lora else None
     stage = DPOStage(
-        tmp / "shards_dpo", 256, beta=args.dpo_beta, rpo_alpha=args.rpo_alpha, max_eval=64
+        tmp / "shards_dpo",
+        256,
+        beta=args.dpo_beta,
+        rpo_alpha=args.rpo_alpha,
+        lora=lora,
+        max_eval=64,
     )
     sft = SFTStage(tmp / "shards_sft", 256, max_eval=256)
     before = dpo_measures(model, tok, args.workdir, sft)
@@ -174,7 +182,7 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
     trainer = Trainer(config, stage, model.train(), tokenizer_dir=ckpt)
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
-    after = dpo_measures(trainer.model.eval(), tok, args.workdir, sft)
+    after = dpo_measures(stage.export_model(trainer.model).eval(), tok, args.workdir, sft)
     return {
         "train_pairs": len(stage.train_dataset()),
         "steps": trainer.step,
@@ -186,6 +194,7 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
             "epochs": args.dpo_epochs,
             "beta": args.dpo_beta,
             "rpo_alpha": args.rpo_alpha,
+            "lora_rank": args.dpo_lora,
             "batch": 8,
         },
     }
@@ -205,6 +214,7 @@ def main() -> None:
     p.add_argument("--dpo-epochs", type=int, default=2)
     p.add_argument("--rpo-alpha", type=float, default=1.0)
     p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--dpo-lora", type=int, default=0, help="LoRA rank for DPO (0: full)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "stages.json")
     args = p.parse_args()
     torch.manual_seed(0)

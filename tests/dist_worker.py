@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from minimind.train import distributed as D
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
+from minimind.train.stages.distill import DistillStage
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
 from minimind.train.stages.pretrain import PretrainStage
@@ -44,7 +45,13 @@ SEED = 5
 # Held-out pretrain windows: odd, so that 2 ranks split the eval set 3 + 2 (with micro-batch 2,
 # one rank has a batch more: FSDP2 must still run the same forwards on both).
 MAX_EVAL = 5
-STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage}
+STAGES = {
+    "pretrain": PretrainStage,
+    "sft": SFTStage,
+    "dpo": DPOStage,
+    "grpo": GRPOStage,
+    "distill": DistillStage,
+}
 INDEX = "_index"
 
 
@@ -79,6 +86,10 @@ def recording(kind: str, data: dict[str, str], max_eval: int = MAX_EVAL):
                 super().__init__(data["pretrain"], SEQ, max_eval=max_eval)
             elif kind == "grpo":
                 super().__init__(data["rlaif"], num_generations=4, max_gen_len=8, max_eval=4)
+            elif kind == "distill":  # the same teacher on every rank: another seeded tiny model
+                teacher = tiny_model()
+                torch.nn.init.normal_(teacher.lm_head.weight, std=0.5)
+                super().__init__(data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval)
             else:
                 super().__init__(data[kind], SFT_LEN, max_eval=max_eval)
             self.seen: list[list[int]] = []  # one list per micro-batch, in training order

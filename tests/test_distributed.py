@@ -151,6 +151,8 @@ MULTI = {
     # DPO: units are pairs, the reference a frozen copy outside DDP/FSDP
     "ddp_dpo": dict(stage="dpo", batch_size=4),
     "fsdp_dpo_acc": dict(stage="dpo", batch_size=2, accumulation_steps=2, fsdp=True),
+    # distillation: the frozen teacher outside DDP, its logits under the same loss contract
+    "ddp_distill_acc": dict(stage="distill", batch_size=2, accumulation_steps=2),
     # GRPO samples per rank (its own random stream), so it is not compared with one process;
     # it must run: rollouts from FSDP2 shards gather the full weights on every rank.
     "fsdp_grpo": dict(stage="grpo", batch_size=2, fsdp=True, tokenizer=True, steps=2),
@@ -179,6 +181,7 @@ def runs(tmp_path_factory, data):
             "ref_pretrain": dict(stage="pretrain", batch_size=GLOBAL),
             "ref_sft": dict(stage="sft", batch_size=GLOBAL),
             "ref_dpo": dict(stage="dpo", batch_size=GLOBAL),
+            "ref_distill": dict(stage="distill", batch_size=GLOBAL),
             "single_stop": dict(stage="pretrain", batch_size=GLOBAL, stop_after=STOP),
         }.items()
     }
@@ -263,8 +266,9 @@ def test_fsdp2_two_ranks_match_one_process(runs, name):
     assert_matches_one_process(runs, name)
 
 
-def test_ddp_dpo_matches_one_process(runs):
-    assert_matches_one_process(runs, "ddp_dpo")
+@pytest.mark.parametrize("name", ["ddp_dpo", "ddp_distill_acc"])
+def test_ddp_dpo_and_distill_match_one_process(runs, name):
+    assert_matches_one_process(runs, name)
 
 
 def test_grpo_rollouts_run_from_fsdp2_shards(runs):
