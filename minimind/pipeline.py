@@ -61,12 +61,12 @@ class Recipe:
     dpo_beta: float = 0.1
     # the chosen reply's NLL beside the DPO loss (RPO): without it the SFT model, which never
     # abstained, wins the stranger pairs on log-ratios without ever preferring the abstention
-    dpo_rpo_alpha: float = 1.0
+    dpo_rpo_alpha: float = 2.0
     grpo_steps: int = 128
     grpo_prompts: int = 8  # per step, each sampled grpo_generations times
     grpo_generations: int = 8
     grpo_lr: float = 5e-5
-    reason_epochs: int = 1
+    reason_epochs: int = 2
     reason_lr: float = 5e-4
 
 
