@@ -184,6 +184,14 @@ def test_low_precision_and_activation_checkpointing_train(data, tmp_path, dtype)
     assert (trainer.scaler is not None) == (dtype == "fp16")
 
 
+def test_resume_says_where_it_starts(data, tmp_path, capsys):
+    train(tmp_path / "run", data["pretrain"], 2)  # resume=True, but nothing to resume
+    assert "no step checkpoint in" in capsys.readouterr().out
+    train(tmp_path / "run", data["pretrain"], 3)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step 2, sample 8 of 12" in out, out
+
+
 def test_wandb_offline_run_id_survives_resume(data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")  # a dev dependency; installed by `make test`
     from minimind.checkpoint import load_trainer_state

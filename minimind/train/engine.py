@@ -170,6 +170,8 @@ class Trainer:
 
                 weights = load_file(str(self.resume_from / "model.safetensors"))
                 load_weights(model, weights, str(self.resume_from))
+            elif world.is_main:
+                print(f"resume: no step checkpoint in {self.run_dir}; starting fresh")
         self.wrapped = D.wrap(model, world, cfg.fsdp)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.ctx = StageContext(
@@ -215,6 +217,11 @@ class Trainer:
         self.total_samples = min(cfg.epochs * len(self.train_set), self.total_steps * per_step)
         if self.resume_from is not None:
             self._restore(load_trainer_state(self.resume_from))
+            if world.is_main:
+                print(
+                    f"resumed from {self.resume_from}: step {self.step}, "
+                    f"sample {self.samples_seen:,} of {self.total_samples:,}"
+                )
 
     def _restore(self, state: dict[str, Any]) -> None:
         world = self.world
