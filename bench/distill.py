@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from stages import sft_loss  # bench/stages.py, beside this file: held-out CE per token
 
 from minimind.checkpoint import load_checkpoint
 from minimind.data.formats import RecordReader
@@ -31,7 +32,6 @@ from minimind.model import MiniMindForCausalLM, preset
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
-from minimind.train.stage import IGNORE_INDEX, lm_loss
 from minimind.train.stages.distill import DistillStage
 from minimind.train.stages.reason import ReasonStage
 
@@ -41,17 +41,6 @@ ROOT = Path(__file__).resolve().parent
 def accuracy(model, tok, workdir: Path, name: str) -> float:
     records = list(RecordReader(workdir / "dataset" / f"{name}.jsonl"))
     return answer_accuracy(model, tok, records, max_new_tokens=24).value
-
-
-@torch.no_grad()
-def held_out_ce(model, stage) -> float:
-    model.eval()
-    data, loss, count = stage.eval_dataset(), 0.0, 0
-    for start in range(0, len(data), 16):
-        batch = stage.collate([data[i] for i in range(start, min(start + 16, len(data)))])
-        loss += float(lm_loss(model, batch["input_ids"], batch["labels"]).loss_sum)
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
-    return loss / count
 
 
 def student(vocab: int) -> MiniMindForCausalLM:
@@ -94,7 +83,7 @@ def run_kd(args, teacher_dir: Path, tmp: Path) -> dict:
         out[name] = {
             "steps": trainer.step,
             "minutes": (time.perf_counter() - t0) / 60,
-            "held_out_ce": held_out_ce(model, stage),
+            "held_out_ce": sft_loss(model, stage),
             "facts_held_out": accuracy(model, tok, args.workdir, "eval_facts"),
             "facts_trained": accuracy(model, tok, args.workdir, "eval_facts_trained"),
             "arith_held_out": accuracy(model, tok, args.workdir, "eval_arith"),

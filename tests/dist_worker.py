@@ -56,8 +56,7 @@ INDEX = "_index"
 
 
 class Indexed(Dataset):
-    """`base` whose items also carry their own index: last in a tuple, a key in a dict (so
-    the first field stays the one the engine reads the sequence length from)."""
+    """`base` whose items also carry their own index: last in a tuple, a key in a dict."""
 
     def __init__(self, base: Dataset):
         self.base = base

@@ -26,6 +26,8 @@ from torch import nn
 
 from minimind.infer.generation import Completion, GenerationConfig, generate
 
+from .stage import eval_mode
+
 
 class Policy:
     """A handle on the trained model for sampling. `model` is the plain (unwrapped) module the
@@ -67,12 +69,6 @@ class Policy:
     ) -> list[Completion]:
         """`minimind.infer.generation.generate` on the live weights (fuse forced off)."""
         overrides["fuse"] = False
-        model = self._gathered() if self.fsdp else self.model
-        was_training = self.model.training
-        model.eval()
-        try:
-            with self.autocast():
-                return generate(model, [list(p) for p in prompts], config, **overrides)
-        finally:
-            if was_training:
-                self.model.train()
+        model = self._gathered() if self.fsdp else self.model  # the replica is in eval mode
+        with eval_mode(self.model), self.autocast():
+            return generate(model, [list(p) for p in prompts], config, **overrides)

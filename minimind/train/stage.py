@@ -228,6 +228,18 @@ class Stage:
         return {}
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode (dropout off) within the block, back in the mode it had after:
+    reference, old-policy and rollout forwards of the model being trained."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
     """Next-token cross-entropy summed over labelled positions (labels already shifted, -100
     ignored), plus the model's MoE balance loss. Logits are upcast to fp32 for the softmax.

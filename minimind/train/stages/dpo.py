@@ -40,7 +40,7 @@ from minimind.data.shards import Shards
 from minimind.model.lora import lora_config_dict
 
 from ..objectives import DPO_LOSSES, dpo_loss, sequence_logps
-from ..stage import IGNORE_INDEX, LossOutput, Numbered, register, token_logps
+from ..stage import IGNORE_INDEX, LossOutput, Numbered, eval_mode, register, token_logps
 from .lm import LMStage
 from .lora import adapter_files, add_lora_flags, lora_from_args, merged_copy
 
@@ -192,13 +192,8 @@ class DPOStage(LMStage):
             from minimind.model.lora import adapters_off
 
             model = self.ctx.trained
-            was_training = model.training
-            model.eval()
-            try:
-                with adapters_off(model), self.ctx.autocast():
-                    return self._seq_logps(model, batch)[0].float()
-            finally:
-                model.train(was_training)
+            with eval_mode(model), adapters_off(model), self.ctx.autocast():
+                return self._seq_logps(model, batch)[0].float()
         with self.ctx.autocast():
             return self._seq_logps(self.ref, batch)[0].float()
 

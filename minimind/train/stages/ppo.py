@@ -42,7 +42,7 @@ from ..objectives import (
     value_loss,
     whiten,
 )
-from ..stage import IGNORE_INDEX, LossOutput, register, token_logps
+from ..stage import IGNORE_INDEX, LossOutput, eval_mode, register, token_logps
 from .rl import RolloutStage
 
 
@@ -203,17 +203,12 @@ class PPOStage(RolloutStage):
         ro = self.sample(prompts, self.batch_seed(batch))
         scores = self.reward_fn(self.samples(prompts, answers, ro)).to(ctx.device)
         labels, mask = ro.labels, ro.completion_mask()
-        was_training = model.training
-        model.eval()
-        try:
-            with ctx.autocast():
-                logps, values = self._forward(model, ro.input_ids, labels, ro.attention_mask)
-                if self.old_actor is not None:
-                    logps = token_logps(
-                        self.old_actor, ro.input_ids, labels, ro.attention_mask, self.temperature
-                    )[0]
-        finally:
-            model.train(was_training)
+        with eval_mode(model), ctx.autocast():
+            logps, values = self._forward(model, ro.input_ids, labels, ro.attention_mask)
+            if self.old_actor is not None:
+                logps = token_logps(
+                    self.old_actor, ro.input_ids, labels, ro.attention_mask, self.temperature
+                )[0]
         # Per-token rewards: the KL penalty on every completion token, the score on the last.
         rewards = torch.zeros_like(logps)
         kl = torch.zeros_like(logps)

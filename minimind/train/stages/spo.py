@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from ..objectives import clipped_token_loss
 from ..rollout import layout
-from ..stage import IGNORE_INDEX, LossOutput, register, token_logps
+from ..stage import IGNORE_INDEX, LossOutput, eval_mode, register, token_logps
 from .rl import RolloutStage
 
 EXPLORATION = 0.05  # added to sqrt(p (1 - p)): no prompt's weight is ever 0
@@ -183,13 +183,8 @@ class SPOStage(RolloutStage):
             logprobs=[self.last[index[j]][1] for j in seen],
         )
         model = self.ctx.policy.model
-        was_training = model.training
-        model.eval()
-        try:
-            with self.ctx.autocast():
-                now = token_logps(model, ids, labels, mask, self.temperature)[0]
-        finally:
-            model.train(was_training)
+        with eval_mode(model), self.ctx.autocast():
+            now = token_logps(model, ids, labels, mask, self.temperature)[0]
         valid = labels != IGNORE_INDEX
         d = ((now - then).abs() * valid).sum(1) / valid.sum(1).clamp(min=1)
         rho[seen] = torch.pow(2.0, -d.double().cpu() / self.d_half)
