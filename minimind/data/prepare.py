@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from minimind.tokenizer import Tokenizer, encode_chat, load_tokenizer, render
+from minimind.tokenizer import Tokenizer, encode_chat, load_tokenizer
 
 from . import shards as fmt
 
@@ -198,8 +198,8 @@ class ChunkEncoder:
         else:  # rlaif
             seqs = []
             for r in records:
-                prompt = render(_messages(r.conversation)[:-1], r.conversation.tools, True)
-                seqs.append(self.tok.encode(prompt))
+                msgs, tools = _messages(r.conversation)[:-1], r.conversation.tools
+                seqs.append(encode_chat(self.tok, msgs, tools, add_generation_prompt=True)[0])
                 answers.append(json.dumps({"answer": r.answer}, ensure_ascii=False))
         truncated = self._truncate(seqs, masks)
         return Encoded(

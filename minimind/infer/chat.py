@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from minimind.infer.generation import GenerationConfig, stream
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import Tokenizer
-from minimind.tokenizer.chat import render
+from minimind.tokenizer.chat import encode_chat
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -35,8 +35,9 @@ def prompt_ids(
     tools: Sequence[dict] | None = None,
     enable_thinking: bool | None = None,
 ) -> list[int]:
-    """The conversation rendered with the generation prompt, as token ids."""
-    return tokenizer.encode(render(messages, tools, True, enable_thinking))
+    """The conversation rendered with the generation prompt, as token ids (message content is
+    text: `<|im_start|>` typed by a user is not a control token; see `encode_chat`)."""
+    return encode_chat(tokenizer, messages, tools, True, enable_thinking)[0]
 
 
 def stop_ids(tokenizer: Tokenizer, model: MiniMindForCausalLM) -> tuple[int, ...]:

@@ -97,6 +97,10 @@ class FastEncoder:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encoding.encode(t, allowed_special="all") for t in texts]
 
+    def encode_text(self, text: str) -> list[int]:
+        """Added tokens written in `text` are plain characters (tiktoken's encode_ordinary)."""
+        return self.encoding.encode_ordinary(text)
+
 
 def fast_encoder(backend: tokenizers.Tokenizer, check: bool = True) -> FastEncoder | None:
     """A FastEncoder giving exactly `backend`'s ids, or None (tiktoken missing, a structure it

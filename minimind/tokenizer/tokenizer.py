@@ -51,6 +51,7 @@ class Tokenizer:
         self._bytes = token_bytes(backend)
         self._fast: FastEncoder | bool | None = False  # False: not built yet
         self._chars: tuple[np.ndarray, np.ndarray] | None = None
+        self._plain: tokenizers.Tokenizer | None = None  # backend without added tokens
 
     def _require(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -81,6 +82,19 @@ class Tokenizer:
         if self.fast is not None:
             return self.fast.encode(text)
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: added tokens written in it (`<|im_start|>`, `<think>`)
+        are not recognised but encoded as the characters they are, so text typed by a user
+        can never become a control token (chat.encode_chat encodes message content so). The
+        BPE never merges into an added token, so these ids decode back to `text`."""
+        if self.fast is not None:
+            return self.fast.encode_text(text)
+        if self._plain is None:
+            spec = json.loads(self.backend.to_str())
+            spec["added_tokens"] = []
+            self._plain = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` over many texts: tiktoken's encoder when checked equal (fast.py, about 4x
