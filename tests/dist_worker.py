@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from minimind.train import distributed as D
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
+from minimind.train.stage import IndexView
 from minimind.train.stages.distill import DistillStage
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
@@ -75,8 +76,11 @@ class Indexed(Dataset):
         return self.base.lengths
 
 
-def recording(kind: str, data: dict[str, str], max_eval: int = MAX_EVAL):
-    """A `kind` stage whose training collate records the indices of the items it batches."""
+def recording(
+    kind: str, data: dict[str, str], max_eval: int = MAX_EVAL, train_items: int | None = None
+):
+    """A `kind` stage whose training collate records the indices of the items it batches;
+    `train_items` keeps only the first items of the training set (a short epoch)."""
     base = STAGES[kind]
 
     class Recording(base):
@@ -94,7 +98,10 @@ def recording(kind: str, data: dict[str, str], max_eval: int = MAX_EVAL):
             self.seen: list[list[int]] = []  # one list per micro-batch, in training order
 
         def train_dataset(self):
-            return Indexed(super().train_dataset())
+            train = super().train_dataset()
+            if train_items is not None:
+                train = IndexView(train, range(train_items))
+            return Indexed(train)
 
         def collate(self, items):
             first = items[0]
@@ -138,7 +145,8 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def config_for(job: dict[str, Any]) -> TrainConfig:
     return TrainConfig(
         out_dir=job["out_dir"],
-        max_steps=job["steps"],
+        max_steps=job["steps"],  # None: the whole of `epochs`
+        epochs=job.get("epochs", 1),
         batch_size=job["batch_size"],
         accumulation_steps=job.get("accumulation_steps", 1),
         fsdp=job.get("fsdp", False),
@@ -156,7 +164,7 @@ def config_for(job: dict[str, Any]) -> TrainConfig:
 def run_job(job: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
     """Train as `job` says; -> {"records": [rank 0's, rank 1's, ...], "weights": ...,
     "step": ...}, also saved by rank 0 as `result.pt` in `job["result_dir"]` when given."""
-    stage = recording(job["stage"], data, job.get("max_eval", MAX_EVAL))
+    stage = recording(job["stage"], data, job.get("max_eval", MAX_EVAL), job.get("train_items"))
     trainer = StoppingTrainer(
         config_for(job),
         stage,

@@ -123,6 +123,20 @@ def test_grouped_sampler_resumes_across_world_sizes():
     assert sorted(seen + [i for s in resumed for i in s]) == list(range(103))
 
 
+def test_grouped_resume_with_another_global_batch_keeps_the_runs_groups():
+    # 2 ranks x 4 (groups of 8) resumed by one process x 4: the new sampler is built with
+    # group_size 4 and adopts the saved 8, so the order and the saved position still agree.
+    lengths = np.random.default_rng(1).integers(1, 300, 90)
+    first = samplers(90, 2, lengths=lengths, group_size=8)
+    seen = run_steps(first, 3, 4)
+    resumed = samplers(90, 1, first[0].state_dict(), lengths=lengths, group_size=4)
+    assert resumed[0].group_size == 8
+    rest = list(resumed[0])
+    assert sorted(seen + rest) == list(range(90))
+    order = length_grouped_order(lengths, 7, 0, 8).tolist()
+    assert sorted(seen) == sorted(order[:24]) and rest == order[24:]
+
+
 def test_works_as_a_dataloader_sampler():
     sampler = ResumableSampler(20, seed=0, rank=0, world_size=2)
     loader = DataLoader(torch.arange(100, 120), batch_size=4, sampler=sampler)

@@ -416,3 +416,98 @@ def test_train_pretrain_script_under_torchrun(data, tmp_path):
             assert torch.equal(v, last[k]), k
     assert (home / "out" / f"{name}.pth").is_file()
     assert not any(cwd.iterdir())
+
+
+# ---------------------------------------------------------------------------- 6. the plan
+# A change of world size with the per-rank batch kept (the usual case: the same command with
+# another --nproc_per_node), so the global batch halves or doubles. The plan (total samples)
+# is fixed when the run starts; the resumed run reads exactly the rest of it, every sample
+# once, each step at the learning rate the uninterrupted run gives that sample position.
+ITEMS = 40  # training items of the epoch runs: 5 steps of 8, or 10 of 4
+PLANNED = {
+    "max": dict(steps=STEPS),  # 4 steps of the starting global batch
+    "ep": dict(steps=None, epochs=1, train_items=ITEMS),  # one epoch of ITEMS
+    "sft": dict(stage="sft", steps=STEPS),
+}
+
+
+def plan_job(root: Path, name: str, plan: str, batch: int, **kw) -> dict:
+    return job(root, name, **{"stage": "pretrain", "batch_size": batch, **PLANNED[plan], **kw})
+
+
+@pytest.fixture(scope="module")
+def replans(tmp_path_factory, data):
+    """name -> result of: uninterrupted one-process references (global batch 8 and 4); runs
+    started on two ranks x 4 and stopped after step STOP, then resumed by one process x 4; runs
+    started by one process x 4, stopped, then resumed on two ranks x 4."""
+    root = tmp_path_factory.mktemp("replan")
+    results = {}
+    for plan in PLANNED:
+        for batch in (GLOBAL, GLOBAL // 2):
+            name = f"ref{batch}_{plan}"
+            results[name] = run_job(plan_job(root, name, plan, batch), data)
+        name = f"one_{plan}"
+        results[name] = run_job(plan_job(root, name, plan, 4, stop_after=STOP), data)
+        shutil.copytree(root / name / "run", root / f"one_then_two_{plan}" / "run")
+    cwd = root / "cwd"
+    cwd.mkdir()
+    jobs = [plan_job(root, f"two_{p}", p, 4, stop_after=STOP) for p in PLANNED]
+    jobs += [plan_job(root, f"one_then_two_{p}", p, 4, resume=True) for p in PLANNED]
+    plan_file = root / "plan.json"
+    plan_file.write_text(json.dumps({"root": str(root), "data": data, "jobs": jobs}))
+    _, output = torchrun([str(WORKER), str(plan_file)], cwd, timeout=300)
+    for j in jobs:
+        results[Path(j["result_dir"]).name] = torch.load(Path(j["result_dir"]) / "result.pt")
+    for plan in PLANNED:
+        name = f"two_then_one_{plan}"
+        shutil.copytree(root / f"two_{plan}" / "run", root / name / "run")
+        results[name] = run_job(plan_job(root, name, plan, 4, resume=True), data)
+    return SimpleNamespace(root=root, results=results, output=output)
+
+
+def step_learning_rates(run: Path) -> dict[int, float]:
+    """{first sample of the step: its learning rate} of every logged step, checking that
+    each step was logged once."""
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, len(rows) + 1)), "a step logged twice"
+    starts = [0] + [int(m["samples"]) for m in rows[:-1]]
+    return dict(zip(starts, [m["lr"] for m in rows], strict=True))
+
+
+def assert_learning_rates_follow_the_plan(run: Path, reference: Path, planned: int) -> None:
+    """Each step's learning rate is the schedule's at the step's first sample out of the
+    planned total, and equals the uninterrupted run's where both start a step there."""
+    from minimind.train.schedule import lr_at
+
+    assert int([m for m in metrics(run) if "loss" in m][-1]["samples"]) == planned
+    got, ref = step_learning_rates(run), step_learning_rates(reference)
+    for start, lr in got.items():
+        assert lr == pytest.approx(lr_at(start, planned, 1e-2, 0.1, 0.0), rel=1e-9), start
+        if start in ref:
+            assert lr == pytest.approx(ref[start], rel=1e-9), start
+    assert len(got.keys() & ref.keys()) >= 3
+
+
+@pytest.mark.parametrize("plan", list(PLANNED))
+@pytest.mark.parametrize("direction", ["two_then_one", "one_then_two"])
+def test_world_size_change_reads_the_planned_samples_once_at_their_learning_rate(
+    replans, plan, direction
+):
+    start_batch = GLOBAL if direction == "two_then_one" else GLOBAL // 2
+    first = replans.results[f"{direction.split('_then_')[0]}_{plan}"]
+    resumed = replans.results[f"{direction}_{plan}"]
+    reference = replans.results[f"ref{start_batch}_{plan}"]
+    seen, want = consumed(first, resumed), consumed(reference)
+    assert len(seen) == len(set(seen)), "a sample was read twice"
+    assert sorted(seen) == sorted(want), "the resumed run did not read the planned samples"
+    planned = len(want)
+    assert planned == (ITEMS if plan == "ep" else STEPS * start_batch)
+    assert first["step"] == STOP
+    # Steps of 4 after steps of 8 (or the reverse): the step count follows the samples.
+    left = planned - STOP * start_batch
+    assert resumed["step"] == STOP + -(-left // (GLOBAL // 2 if start_batch == GLOBAL else GLOBAL))
+    assert_learning_rates_follow_the_plan(
+        replans.root / f"{direction}_{plan}" / "run",
+        replans.root / f"ref{start_batch}_{plan}" / "run",
+        planned,
+    )

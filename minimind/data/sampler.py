@@ -22,8 +22,10 @@ The rules:
 Length grouping (for padded chat batches, padding.py): shuffle, cut the order into windows of
 `group_size * sort_window` samples, sort each window by length, cut it into groups of
 `group_size`, shuffle the groups (a short last group stays last, so later groups stay
-aligned). With `group_size` = the samples of one micro-step on all ranks (micro-batch x
-world size), a rank's micro-batch comes from one group of similar lengths.
+aligned). With `group_size` = the samples of one optimizer step on all ranks (the global
+batch), a step reads one group of similar lengths. The groups belong to the run: a resume
+with another global batch (another world size) adopts the saved group size, so the order
+and the meaning of the saved position stay the same; its steps then straddle groups.
 """
 
 from __future__ import annotations
@@ -183,10 +185,23 @@ class ResumableSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("num_samples", "group_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"sampler state is for {key}={state[key]}, this sampler has "
-                    f"{getattr(self, key)}: the saved position would point at other samples"
-                )
+        """Continue the saved run: its seed, epoch, position and, when grouping by length,
+        its group size (a resume with another global batch keeps the run's order, so the saved
+        position still marks exactly the samples read). Refuses another number of samples, or
+        grouped state in an ungrouped sampler and vice versa."""
+        saved_group = state.get("group_size", self.group_size)
+        problems = []
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            problems.append(
+                f"num_samples={state['num_samples']}, this sampler has {self.num_samples}"
+            )
+        if (saved_group is None) != (self.group_size is None):
+            problems.append(f"group_size={saved_group}, this sampler has {self.group_size}")
+        if problems:
+            raise ValueError(
+                f"sampler state is for {'; '.join(problems)}: the saved position would point "
+                "at other samples"
+            )
+        if saved_group is not None:
+            self.group_size = saved_group
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]

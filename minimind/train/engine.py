@@ -13,9 +13,17 @@ Decisions:
 - Weight decay applies to matrices and embeddings (dim >= 2), never to norm gains (dim 1);
   AdamW (Loshchilov & Hutter 2019), fused on CUDA and CPU.
 - Master weights are fp32; bf16/fp16 come from autocast (fp16 with a gradient scaler).
-- The schedule is a function of global samples seen, so it survives a change of world size.
-  Samples are dataset items as the stage counts them (`num_samples`): a DPO pair, a prompt
-  with its G completions.
+- The plan is fixed in samples when a run starts and kept in the resume state: the total
+  (`--epochs` epochs, or `--max_steps` steps of the starting global batch, whichever is
+  smaller), the global batch it was made with and an epoch's length. A resume at another
+  world size keeps it, so 2 -> 1 or 1 -> 2 processes read every planned sample exactly once
+  (in more or fewer, smaller or larger steps), never recomputed from the new step size.
+- The schedule is a function of global samples seen out of the planned total, so a sample
+  gets the same learning rate whatever the world size. Samples are dataset items as the
+  sampler hands them out: a DPO pair, a prompt with its G completions.
+- A step takes the next `batch_size x accumulation_steps x world_size` samples of the global
+  order (fewer at the end of an epoch or of the plan, always a multiple of the world size so
+  every rank runs the same number of forwards); rank r reads every world_size-th of them.
 - A step: the stage's experience hook on every micro-batch (no_grad: rollouts, rewards,
   reference log-probs), then one or more optimizer updates (`Stage.updates`: PPO's epochs over
   minibatches), all at the step's learning rate. The sampler advances once per step.
@@ -198,30 +206,118 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(world.device.type) if cfg.dtype == "fp16" else None
         self.train_set = self.stage.train_dataset()
         group = self.stage.group_by_length
-        per_step = cfg.batch_size * cfg.accumulation_steps * world.world_size
+        self.step_samples = cfg.batch_size * cfg.accumulation_steps * world.world_size
         # Length groups of one step's global batch: the order, and so the trajectory, depends
         # on the global batch size only, not on how it is split into micro-batches and ranks.
+        # A resume keeps the run's groups (the sampler adopts the saved group size).
         self.sampler = ResumableSampler(
             len(self.train_set),
             seed=cfg.seed,
             rank=world.rank,
             world_size=world.world_size,
             lengths=self.train_set.lengths if group else None,
-            group_size=per_step if group else None,
+            group_size=self.step_samples if group else None,
             drop_last=world.distributed,
         )
-        steps_per_epoch = math.ceil(len(self.train_set) / per_step)
-        self.total_steps = cfg.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.total_samples = min(cfg.epochs * len(self.train_set), self.total_steps * per_step)
+        self.plan = self._new_plan()
         if self.resume_from is not None:
-            self._restore(load_trainer_state(self.resume_from))
-            if world.is_main:
-                print(
-                    f"resumed from {self.resume_from}: step {self.step}, "
-                    f"sample {self.samples_seen:,} of {self.total_samples:,}"
+            state = load_trainer_state(self.resume_from)
+            self._restore(state)
+            self.plan = self._resumed_plan(state.get("plan"))
+        self.total_samples = self.plan["total_samples"]
+        self.total_steps = self.step + self._steps_left()
+        if self.resume_from is not None and world.is_main:
+            note = ""
+            if self.plan["step_samples"] != self.step_samples:
+                note = (
+                    f" ({self.step_samples} samples a step now, {self.plan['step_samples']} "
+                    f"planned: {self.total_steps - self.step} steps left)"
                 )
+            print(
+                f"resumed from {self.resume_from}: step {self.step}, "
+                f"sample {self.samples_seen:,} of {self.total_samples:,}{note}"
+            )
+
+    # ------------------------------------------------------------------ the plan
+    def _new_plan(self) -> dict[str, Any]:
+        """The run's plan in samples, from this run's settings and world size."""
+        world, n = self.world, len(self.train_set)
+        epoch = n - n % world.world_size if world.distributed else n  # drop_last
+        return self._plan(epoch, self.step_samples)
+
+    def _plan(self, epoch_samples: int, step_samples: int) -> dict[str, Any]:
+        cfg = self.config
+        total = cfg.epochs * epoch_samples
+        if cfg.max_steps is not None:
+            if cfg.max_steps * step_samples > total and self.world.is_main:
+                steps = math.ceil(epoch_samples / step_samples)
+                print(
+                    f"max_steps {cfg.max_steps} is more than {cfg.epochs} epoch(s) of {steps} "
+                    f"steps: stopping after {cfg.epochs * steps} (raise --epochs to train longer)"
+                )
+            total = min(total, cfg.max_steps * step_samples)
+        return {
+            "total_samples": total,
+            "epochs": cfg.epochs,
+            "max_steps": cfg.max_steps,
+            "step_samples": step_samples,
+            "epoch_samples": epoch_samples,
+        }
+
+    def _resumed_plan(self, saved: dict[str, Any] | None) -> dict[str, Any]:
+        """The saved plan; recomputed in the run's original units (its step size and epoch
+        length) when --epochs or --max_steps changed, from this run when none was saved."""
+        cfg = self.config
+        if saved is None:  # a checkpoint from before plans were saved
+            return self.plan
+        if (saved["epochs"], saved["max_steps"]) == (cfg.epochs, cfg.max_steps):
+            return saved
+        plan = self._plan(saved["epoch_samples"], saved["step_samples"])
+        if self.world.is_main:
+            print(
+                f"plan changed (epochs {saved['epochs']} -> {cfg.epochs}, max_steps "
+                f"{saved['max_steps']} -> {cfg.max_steps}): {plan['total_samples']:,} samples "
+                f"instead of {saved['total_samples']:,}"
+            )
+        return plan
+
+    def _epoch_end(self, position: int) -> int:
+        """Where the current epoch ends for a sampler at `position`: the sampler's end (after
+        drop_last at this world size), never past the plan's epoch length."""
+        n, w = self.sampler.num_samples, self.world.world_size
+        end = n - (n - position) % w if self.world.distributed else n
+        return min(end, self.plan["epoch_samples"])
+
+    def _step_sizes(self, position: int, samples_seen: int) -> list[int]:
+        """Global samples of each remaining step of the epoch from `position`."""
+        w, per_step = self.world.world_size, self.step_samples
+        end = min(self._epoch_end(position), position + self.total_samples - samples_seen)
+        sizes = []
+        while position < end:
+            n = min(per_step, end - position)
+            n -= n % w  # every rank reads the same number of samples
+            if n == 0:
+                break
+            sizes.append(n)
+            position += n
+        return sizes
+
+    def _steps_left(self) -> int:
+        """Optimizer steps until the plan is done (the progress bar's total)."""
+        position, epoch, seen, steps = (
+            self.sampler.position,
+            self.sampler.epoch,
+            self.samples_seen,
+            0,
+        )
+        while seen < self.total_samples and epoch < self.config.epochs:
+            sizes = self._step_sizes(position, seen)
+            steps += len(sizes)
+            seen += sum(sizes)
+            if position + sum(sizes) < self._epoch_end(position):
+                break  # the plan ends inside this epoch
+            position, epoch = 0, epoch + 1
+        return steps
 
     def _restore(self, state: dict[str, Any]) -> None:
         world = self.world
@@ -265,9 +361,11 @@ class Trainer:
         self.model.train()
         last_saved = self.step if self.resume_from is not None else -1
         try:
-            while self.step < self.total_steps and self.sampler.epoch < cfg.epochs:
-                for micro in self._epoch_steps():
-                    metrics = self._train_step(micro)
+            while self.samples_seen < self.total_samples and self.sampler.epoch < cfg.epochs:
+                epoch, stepped = self.sampler.epoch, False
+                for n, micro in self._epoch_steps():
+                    stepped = True
+                    metrics = self._train_step(micro, n)
                     self.step += 1
                     if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                         self.tracker.log(self.step, metrics)
@@ -276,8 +374,14 @@ class Trainer:
                     if cfg.save_interval and self.step % cfg.save_interval == 0:
                         self._save_step()
                         last_saved = self.step
-                    if self.step >= self.total_steps:
-                        break
+                if self.sampler.epoch == epoch and not stepped:
+                    # The plan's last samples are fewer than the processes (after a change
+                    # of world size): they cannot be split evenly.
+                    if world.is_main:
+                        left = self.total_samples - self.samples_seen
+                        print(f"the plan's last {left} sample(s) cannot be split over "
+                              f"{world.world_size} processes; stopping")  # fmt: skip
+                    break
             if not cfg.eval_interval or self.step % cfg.eval_interval:
                 self._log_eval()
             if last_saved != self.step:
@@ -286,11 +390,9 @@ class Trainer:
         finally:
             self.tracker.close()
 
-    def _loader(self, indices) -> DataLoader:
+    def _loader(self, chunks: list[list[int]]) -> DataLoader:
+        """Micro-batches of the dataset items in `chunks`, in order."""
         cfg = self.config
-        chunks = [
-            indices[i : i + cfg.batch_size].tolist() for i in range(0, len(indices), cfg.batch_size)
-        ]
         return DataLoader(
             self.train_set,
             batch_sampler=chunks,
@@ -301,22 +403,31 @@ class Trainer:
         )
 
     def _epoch_steps(self):
-        """Yield the micro-batches of each optimizer step for the rest of the current epoch."""
-        epoch = self.sampler.epoch
-        micro: list = []
-        for batch in self._loader(self.sampler.indices()):
-            micro.append(batch)
-            if len(micro) == self.config.accumulation_steps:
-                yield micro
-                micro = []
-                if self.sampler.epoch != epoch or self.step >= self.total_steps:
-                    return
-        if micro:
-            yield micro
-        if self.sampler.epoch == epoch:  # nothing left for this rank in the epoch
-            self.sampler.set_epoch(epoch + 1)
+        """(global samples, this rank's micro-batches) of each remaining step of the current
+        epoch, up to the plan's end; at the epoch's end the sampler moves to the next one."""
+        cfg, world, sampler = self.config, self.world, self.sampler
+        sizes = self._step_sizes(sampler.position, self.samples_seen)
+        order, position = sampler.order(), sampler.position
+        chunks, per_step = [], []
+        for n in sizes:
+            mine = order[position + world.rank : position + n : world.world_size]
+            step = [
+                mine[i : i + cfg.batch_size].tolist() for i in range(0, len(mine), cfg.batch_size)
+            ]
+            chunks += step
+            per_step.append(len(step))
+            position += n
+        epoch, batches = sampler.epoch, iter(self._loader(chunks))
+        for n, k in zip(sizes, per_step, strict=True):
+            yield n, [next(batches) for _ in range(k)]
+        # The sampler starts the next epoch at its own end; the plan's end may come first
+        # (an epoch planned at another world size dropped fewer samples).
+        if sampler.epoch == epoch and sampler.position >= self._epoch_end(sampler.position):
+            sampler.set_epoch(epoch + 1)
 
-    def _train_step(self, micro: list[dict[str, Any]]) -> dict[str, float]:
+    def _train_step(self, micro: list[dict[str, Any]], step_samples: int) -> dict[str, float]:
+        """One optimizer step on this rank's `micro`-batches; `step_samples` is the global
+        count of dataset items in the step (all ranks)."""
         cfg, world, stage = self.config, self.world, self.stage
         t0 = time.perf_counter()
         self.ctx.step = self.step
@@ -324,7 +435,6 @@ class Trainer:
         with torch.no_grad():
             micro = [stage.experience(b) for b in micro]
         t_exp = time.perf_counter() - t0
-        local_samples = sum(stage.num_samples(b) for b in micro)
         lr = lr_at(
             self.samples_seen,
             self.total_samples,
@@ -333,13 +443,13 @@ class Trainer:
             cfg.warmup_ratio,
         )
         results = [self._update(update, lr) for update in stage.updates(micro)]
-        self.sampler.advance(local_samples * world.world_size)
-        self.samples_seen += local_samples * world.world_size
+        self.sampler.advance(step_samples)
+        self.samples_seen += step_samples
         elapsed = time.perf_counter() - t0
         units = sum(r.pop("_units") for r in results)
         # Several updates (PPO epochs): loss and metrics are their mean, grad_norm the last.
         metrics = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-        metrics.update(lr=lr, grad_norm=results[-1]["grad_norm"])
+        metrics.update(lr=lr, grad_norm=results[-1]["grad_norm"], samples=self.samples_seen)
         if len(results) > 1:
             metrics["updates"] = len(results)
         metrics.update(self._mean_stats([b.get("stats", {}) for b in micro]))
@@ -516,6 +626,7 @@ class Trainer:
                         "stage": self.stage.state_dict(),
                         "step": self.step,
                         "samples_seen": self.samples_seen,
+                        "plan": self.plan,
                         "rng": rngs,
                         "tracker_run_id": self.tracker_run_id,
                     }
