@@ -81,14 +81,15 @@ def test_resume_with_another_model_is_refused_and_nothing_is_written(data, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pretrain", "dpo", "grpo", "ppo", "spo", "distill"])
+@pytest.mark.parametrize(
+    "kind", ["pretrain", "dpo", "grpo", "ppo", "spo", "distill", "distill_cached"]
+)
 def test_sigkill_anywhere_then_resume_is_bit_identical(data, tmp_path, kind):
     # dpo: the reference must stay the start model; grpo: rollouts are seeded by (seed, step,
     # rank, data index), so the resumed run samples the same completions.
     steps = 12 if kind in ("pretrain", "dpo") else 8
-    shards = data[
-        {"grpo": "rlaif", "ppo": "rlaif", "spo": "rlaif", "distill": "sft"}.get(kind, kind)
-    ]
+    rl = kind in ("grpo", "ppo", "spo")
+    shards = data["rlaif" if rl else "sft" if kind.startswith("distill") else kind]
     run = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("MINIMIND_KILL_SEED", time.time_ns() % 10_000)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

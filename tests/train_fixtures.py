@@ -45,7 +45,8 @@ def make_data(root: Path) -> dict[str, Path]:
 
 
 def make_stage(kind: str, shards: Path, **kw):
-    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo, grpo, ppo, spo, reason, distill)."""
+    """The tiny-test stage of `kind` on prepared `shards` (pretrain, sft, dpo, grpo, ppo, spo,
+    reason, distill, distill_cached: distill from the teacher's top-k cache)."""
     if kind == "pretrain":
         return PretrainStage(shards, SEQ, **{"max_eval": 4, **kw})
     if kind == "sft":
@@ -60,9 +61,11 @@ def make_stage(kind: str, shards: Path, **kw):
         return PPOStage(shards, **kw)
     if kind == "reason":
         return ReasonStage(shards, 96, **{"max_eval": 4, "eval_prompts": 4, **kw})
-    if kind == "distill":
+    if kind in ("distill", "distill_cached"):
         torch.manual_seed(11)  # the teacher: another tiny model
         teacher = MiniMindForCausalLM(preset("tiny", vocab_size=400))
+        if kind == "distill_cached":  # its top-8 rows, built beside the shards on first use
+            kw = {"teacher_cache": shards.parent / f"{shards.name}.teacher_top8", "topk": 8, **kw}
         return DistillStage(shards, 96, **{"teacher": teacher, "max_eval": 4, **kw})
     if kind == "spo":
         return SPOStage(shards, **{"max_gen_len": 8, "max_eval": 4, "init_samples": 2, **kw})
