@@ -26,7 +26,7 @@ from minimind.data.padding import (
     SFTDataset,
     padding_waste,
 )
-from minimind.data.prepare import StaleShardsError, prepare
+from minimind.data.prepare import StaleShardsError, cached_differences, prepare
 from minimind.data.sampler import length_grouped_order
 from minimind.data.shards import Shards
 from minimind.data.texts import iter_texts
@@ -191,6 +191,33 @@ def test_rerun_skips_and_stale_is_refused(tmp_path, corpus, tok_dir):
     (out / "meta.json").unlink()  # shards whose origin cannot be checked
     with pytest.raises(StaleShardsError, match=r"no meta\.json"):
         prepare(data, tok_dir, out, **SMALL)
+
+
+def test_cached_differences_judge_by_stamp_and_tokenizer(tmp_path, corpus, tok_dir):
+    import os
+
+    data = tmp_path / "pretrain.jsonl"
+    shutil.copy(corpus["pretrain"], data)
+    out = tmp_path / "out"
+    assert cached_differences(out, data, tok_dir) is None  # nothing prepared there
+    prepare(data, tok_dir, out, **SMALL)
+    assert cached_differences(out, data, tok_dir, max_seq_len=None) == []
+    assert cached_differences(out, data, tok_dir, max_seq_len=64) == ["max_seq_len: None -> 64"]
+    meta = (out / "meta.json").read_bytes()
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same content
+    assert cached_differences(out, data, tok_dir) == ["the input was modified (mtime)"]
+    again = prepare(data, tok_dir, out, **SMALL)  # the full blake2b agrees: nothing rewritten
+    assert again.bytes_done == 0 and cached_differences(out, data, tok_dir) == []
+    assert json.loads((out / "meta.json").read_bytes())["shards"] == json.loads(meta)["shards"]
+    raw = bytearray(data.read_bytes())
+    raw[5:9] = b"XXXX"  # same size, another content
+    data.write_bytes(bytes(raw))
+    assert cached_differences(out, data, tok_dir) == ["the input's content changed"]
+    other = tmp_path / "tok2"
+    shutil.copytree(tok_dir, other)
+    (other / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text() + " ")
+    assert "the tokenizer changed" in " ".join(cached_differences(out, data, other))
 
 
 def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, corpus, tok_dir, monkeypatch):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,3 +234,95 @@ def test_lm_loss_on_labelled_positions_equals_the_full_logits_loss(labelled):
     torch.testing.assert_close(got, ref)
     for n, p in model.named_parameters():
         torch.testing.assert_close(fast[n], p.grad, msg=n)
+
+
+# ---------------------------------------------------------------- the command line's data cache
+def cli_train(tmp_path, data_file, tok, *extra) -> list[str]:
+    return [
+        "pretrain", "--data_path", str(data_file), "--tokenizer", str(tok), "--preset", "tiny",
+        "--max_seq_len", "32", "--batch_size", "4", "--max_steps", "1", "--device", "cpu",
+        "--dtype", "fp32", "--save_pth", "0", "--save_dir", str(tmp_path / "out"),
+        "--eval_batches", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def caches(home: Path) -> dict[str, dict]:
+    root = home / "dataset" / "shards"
+    return {p.name: json.loads((p / "meta.json").read_text()) for p in sorted(root.iterdir())}
+
+
+def test_cli_data_cache_is_keyed_by_content_and_rebuilt_when_stale(data, tmp_path, home, capsys):
+    from minimind.train.cli import main
+
+    corpus = data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl"
+    text = tmp_path / "pretrain_hq.jsonl"
+    shutil.copy(corpus, text)
+    assert main(cli_train(tmp_path, text, data["tokenizer"], "--out_dir", str(tmp_path / "a"))) == 0
+    (first,) = caches(home).values()
+    with open(text, "a", encoding="utf-8") as f:  # the file is edited
+        f.write(json.dumps({"text": "one more document about the demo world."}) + "\n")
+    capsys.readouterr()
+    assert main(cli_train(tmp_path, text, data["tokenizer"], "--out_dir", str(tmp_path / "b"))) == 0
+    out = capsys.readouterr().out
+    assert "is stale (the input's size changed" in out and "rebuilding it" in out, out
+    (second,) = caches(home).values()  # rebuilt in place, from the new content
+    assert second["source"]["bytes"] == text.stat().st_size != first["source"]["bytes"]
+    assert second["totals"]["docs"] == first["totals"]["docs"] + 1
+    # Another tokenizer in a folder of the same name: its own cache, the first one kept.
+    other = tmp_path / "elsewhere" / data["tokenizer"].name
+    shutil.copytree(data["tokenizer"], other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps(spec, indent=1))  # same ids, new bytes
+    assert main(cli_train(tmp_path, text, other, "--out_dir", str(tmp_path / "c"))) == 0
+    assert len(caches(home)) == 2
+    # An up-to-date cache is used as is: nothing is prepared again.
+    capsys.readouterr()
+    assert main(cli_train(tmp_path, text, other, "--out_dir", str(tmp_path / "d"))) == 0
+    assert "shards" not in capsys.readouterr().out
+
+
+def test_cli_refused_resume_writes_no_cache(data, tmp_path, home, capsys):
+    from minimind.train.cli import main
+
+    text = tmp_path / "pretrain_hq.jsonl"
+    shutil.copy(data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl", text)
+    run = ["--out_dir", str(tmp_path / "run")]
+    assert main(cli_train(tmp_path, text, data["tokenizer"], *run)) == 0
+    before = {p: p.stat().st_mtime_ns for p in (home / "dataset").rglob("*")}
+    with open(text, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "an edit after the first run."}) + "\n")
+    capsys.readouterr()
+    code = main(cli_train(tmp_path, text, data["tokenizer"], *run, "--from_resume", "1"))
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot resume from" in err and "data: '" in err, err
+    assert "model_config" not in err and "tokenizer" not in err  # only what differs
+    assert {p: p.stat().st_mtime_ns for p in (home / "dataset").rglob("*")} == before
+
+
+def test_cli_on_error_skip_or_raise(data, tmp_path, home, capsys):
+    from minimind.train.cli import main
+
+    text = tmp_path / "pretrain_hq.jsonl"
+    lines = (data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl").read_text().splitlines()
+    text.write_text("\n".join([*lines[:50], '{"text": 3}', *lines[50:]]) + "\n")
+    assert main(cli_train(tmp_path, text, data["tokenizer"], "--out_dir", str(tmp_path / "a"))) == 1
+    err = capsys.readouterr().err
+    assert f"{text}:51" in err and "text" in err, err
+    args = cli_train(tmp_path, text, data["tokenizer"], "--out_dir", str(tmp_path / "b"))
+    assert main([*args, "--on-error", "skip"]) == 0
+    assert "1 bad line" in capsys.readouterr().out
+
+
+def test_cli_pretraining_on_chat_data_warns(data, tmp_path, home, capsys):
+    from minimind.train.cli import main
+
+    chat = data["tokenizer"].parent / "corpus" / "sft_mini_512.jsonl"
+    assert main(cli_train(tmp_path, chat, data["tokenizer"], "--out_dir", str(tmp_path / "a"))) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "sft records" in out and "minimind train sft" in out

@@ -20,7 +20,9 @@ How it runs:
   Workers import the caller's main module, so a script that calls `prepare(workers=N)`
   needs the usual `if __name__ == "__main__":` guard and should import torch lazily.
 - Idempotence: meta.json records the blake2b of the input's content and of tokenizer.json,
-  the tokenizer's special ids and the settings that shape the shards. A rerun with the same
+  the tokenizer's special ids and the settings that shape the shards, and a cheap stamp of
+  the input (size, mtime, blake2b of a few sampled blocks: `source_stamp`) that
+  `cached_differences` compares without reading the whole file (training's data cache). A rerun with the same
   facts skips finished shards and resumes after the last one (at its input byte offset); a
   rerun with different facts raises `StaleShardsError` naming what changed, unless
   `overwrite`. `on_error` is not such a setting: a finished shard has no bad line under
@@ -77,6 +79,7 @@ CHUNK_LINES = 1024
 CHUNK_BYTES = 4 << 20
 SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 tokens per shard: the unit of resume
 HASH_BLOCK = 8 << 20
+SAMPLE_BLOCK = 1 << 20  # bytes per sampled block of `source_stamp`
 _COUNT_KEYS = ("lines", "records", "blank_lines", "bad_lines", "truncated")
 
 
@@ -93,9 +96,63 @@ def file_blake2b(path: StrPath) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_file(path: StrPath) -> Path:
+def tokenizer_file(path: StrPath) -> Path:
+    """The tokenizer.json of a tokenizer folder (or the file itself)."""
     path = Path(path)
     return path / "tokenizer.json" if path.is_dir() else path
+
+
+_tokenizer_file = tokenizer_file
+
+
+def source_stamp(path: StrPath) -> dict[str, Any]:
+    """A cheap identity of a file's content: its size, mtime and the blake2b of up to three
+    SAMPLE_BLOCK blocks (start, middle, end). An edit changes at least the mtime; a copy
+    with the same content but another mtime differs here and is then compared by the full
+    blake2b (prepare)."""
+    st = os.stat(path)
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, st.st_size // 2 - SAMPLE_BLOCK // 2),
+                              max(0, st.st_size - SAMPLE_BLOCK)}):  # fmt: skip
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BLOCK))
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_blake2b": h.hexdigest()}
+
+
+def cached_differences(
+    folder: StrPath, data_path: StrPath, tokenizer: StrPath, **settings: Any
+) -> list[str] | None:
+    """Why `folder` is not a complete preparation of `data_path` with `tokenizer` and
+    `settings` (kind, max_seq_len: the ones given are compared), judged by the input's
+    stamp and the tokenizer's blake2b, never by reading the whole input. None: no prepared
+    folder there; [] : up to date.
+    """
+    meta_path = Path(folder) / fmt.META
+    if not meta_path.is_file():
+        return None
+    try:
+        old = fmt.read_json(meta_path)
+    except (OSError, ValueError):
+        return ["meta.json is unreadable"]
+    out = []
+    if old.get("format") != fmt.FORMAT or old.get("version") != fmt.FORMAT_VERSION:
+        out.append(f"format version {old.get('version')} -> {fmt.FORMAT_VERSION}")
+    stamp, was = source_stamp(data_path), old.get("source", {})
+    if was.get("bytes") != stamp["bytes"]:
+        out.append(f"the input's size changed ({was.get('bytes')} -> {stamp['bytes']} bytes)")
+    elif was.get("sample_blake2b") != stamp["sample_blake2b"]:
+        out.append("the input's content changed")
+    elif was.get("mtime_ns") != stamp["mtime_ns"]:
+        out.append("the input was modified (mtime)")
+    if old.get("tokenizer", {}).get("blake2b") != file_blake2b(tokenizer_file(tokenizer)):
+        out.append("the tokenizer changed (tokenizer.json's blake2b differs)")
+    for key, value in settings.items():
+        if value is not None and old.get("settings", {}).get(key) != value:
+            out.append(f"{key}: {old.get('settings', {}).get(key)} -> {value}")
+    if not out and not old.get("complete"):
+        out.append("preparation did not finish")
+    return out
 
 
 # ---------------------------------------------------------------- one chunk, in a worker
@@ -432,7 +489,7 @@ def _describe(data_path: Path, tokenizer: StrPath, tok: Tokenizer, settings: dic
         "kind": settings["kind"],
         "source": {
             "path": str(data_path.resolve()),
-            "bytes": data_path.stat().st_size,
+            **source_stamp(data_path),
             "blake2b": file_blake2b(data_path),
         },
         "tokenizer": {
@@ -518,7 +575,10 @@ def prepare(
     report.summary = ReadSummary(str(data_path))
     meta_path = folder / fmt.META
     old = fmt.read_json(meta_path) if meta_path.is_file() else {}
-    if not (old.get("complete") and old.get("shards") == [r["name"] for r in done]):
+    if old.get("complete") and old.get("shards") == [r["name"] for r in done]:
+        if old.get("source") != meta["source"]:  # same content, new stamp (touched, copied)
+            fmt.write_json(meta_path, {**old, "source": meta["source"]})
+    else:
         fmt.write_json(meta_path, meta)
         done += _write_shards(
             data_path, tokenizer, tok, folder, meta, done, workers, on_error, progress, report

@@ -66,6 +66,14 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--save_weight", default=d["save_weight"], help="name of the final weights")
     a("--from_weight", default=d["from_weight"], help="'none', a name under out/, or a path")
     a("--save_pth", type=int, default=1, help="also write MiniMind's out/{name}_{hidden}.pth (1/0)")
+    a(
+        "--on-error",
+        "--on_error",
+        dest="on_error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="a bad line in a jsonl --data_path: stop with its file:line (raise) or skip it",
+    )
     # model (MiniMind's flags; used when starting from scratch)
     a("--preset", default=None, help="a named preset (minimind presets) instead of the size flags")
     a("--hidden_size", type=int, default=512)
@@ -132,30 +140,133 @@ def resolve_weight(spec: str, hidden: int, moe: bool, save_dir: Path) -> Path:
         ) from None
 
 
-def resolve_data(stage: str, spec: str | None, tokenizer_dir: Path, max_seq_len: int) -> Path:
-    """--data_path -> a prepared shards folder (jsonl files are prepared once and cached)."""
-    from minimind.data.prepare import prepare
+def data_file(stage: str, spec: str | None) -> Path:
+    """--data_path (or the stage's default file) -> a jsonl file or a prepared folder that
+    exists."""
+    cls = stages()[stage]
+    path = Path(spec) if spec else paths.dataset_dir() / cls.defaults["data_path"]
+    if (path.is_dir() and (path / "meta.json").is_file()) or path.is_file():
+        return path
+    raise UsageError(
+        f"no training data at {path}. Generate the offline demo corpus with "
+        f"`minimind data demo --out {path.parent}`, or fetch MiniMind's public files with "
+        f"`minimind data download {cls.defaults['data_path']}`."
+    )
+
+
+def cache_dir(stage: str, path: Path, tokenizer_dir: Path, max_seq_len: int) -> Path:
+    """The shard cache of jsonl `path` for `stage`: one folder per (input file, tokenizer
+    content, stage, length), under MINIMIND_HOME/dataset/shards. Its meta.json records the
+    input's stamp (size, mtime, sampled content), by which a stale cache is found."""
+    import hashlib
+
+    from minimind.data.prepare import file_blake2b, tokenizer_file
+
+    key = hashlib.blake2b(digest_size=6)
+    key.update(str(path.resolve()).encode())
+    key.update(file_blake2b(tokenizer_file(tokenizer_dir)).encode())
+    return (
+        paths.home() / "dataset" / "shards" / f"{path.stem}-{stage}-{max_seq_len}-{key.hexdigest()}"
+    )
+
+
+def resolve_data(
+    stage: str,
+    spec: str | Path | None,
+    tokenizer_dir: Path,
+    max_seq_len: int,
+    on_error: str = "raise",
+    verbose: bool = True,
+) -> Path:
+    """--data_path -> a prepared shards folder. A jsonl file is prepared once into its cache
+    (`cache_dir`); a cache whose input or tokenizer changed since is rebuilt, saying why."""
+    from minimind.data.prepare import StaleShardsError, cached_differences, prepare
     from minimind.data.shards import Shards
 
     cls = stages()[stage]
-    path = Path(spec) if spec else paths.dataset_dir() / cls.defaults["data_path"]
-    if path.is_dir() and (path / "meta.json").is_file():
+    path = data_file(stage, spec)
+    if path.is_dir():
         return path
-    if not path.is_file():
-        raise UsageError(
-            f"no training data at {path}. Generate the offline demo corpus with "
-            f"`minimind data demo --out {path.parent}`, or fetch MiniMind's public files with "
-            f"`minimind data download {cls.defaults['data_path']}`."
-        )
-    cache = (
-        paths.home()
-        / "dataset"
-        / "shards"
-        / f"{path.stem}-{stage}-{max_seq_len}-{tokenizer_dir.name}"
-    )
-    prepare(path, tokenizer_dir, cache, max_seq_len=max_seq_len if cls.prepare_cuts else None)
+    cache = cache_dir(stage, path, tokenizer_dir, max_seq_len)
+    cut = max_seq_len if cls.prepare_cuts else None
+    stale = cached_differences(cache, path, tokenizer_dir, max_seq_len=cut)
+    if stale != []:
+        rebuild = bool(stale) and stale != ["preparation did not finish"]
+        if rebuild and verbose:
+            print(f"data cache {cache} is stale ({'; '.join(stale)}): rebuilding it")
+        try:
+            report = prepare(
+                path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error, overwrite=rebuild
+            )
+        except StaleShardsError as err:  # an unfinished cache of other content
+            if verbose:
+                print(f"data cache {cache} is stale ({err}): rebuilding it")
+            report = prepare(
+                path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error, overwrite=True
+            )
+        if verbose:
+            print(report.format())
     Shards(cache)  # fail here, not in the loop, if the folder is unreadable
     return cache
+
+
+def data_identity(path: Path, stage: str, tokenizer_dir: Path, max_seq_len: int) -> str:
+    """The blake2b of the input's content, as the stage fingerprint records it: from the
+    prepared folder or an up-to-date cache when there is one, else by reading the file."""
+    from minimind.data.prepare import cached_differences, file_blake2b
+    from minimind.data.shards import read_json
+
+    if path.is_dir():
+        return read_json(path / "meta.json")["source"]["blake2b"]
+    cache = cache_dir(stage, path, tokenizer_dir, max_seq_len)
+    cut = max_seq_len if stages()[stage].prepare_cuts else None
+    if cached_differences(cache, path, tokenizer_dir, max_seq_len=cut) == []:
+        return read_json(cache / "meta.json")["source"]["blake2b"]
+    return file_blake2b(path)
+
+
+def check_resume(
+    out_dir: Path, model, stage: str, tokenizer_dir: Path, data: Path, max_seq_len: int
+) -> None:
+    """Refuse a resume of `out_dir`'s latest step checkpoint whose model config, stage,
+    tokenizer or data differ from this run's, before any file is written (the engine checks
+    the stage's other settings when it loads the checkpoint)."""
+    from minimind.checkpoint import read_meta
+    from minimind.data.prepare import file_blake2b, tokenizer_file
+
+    from .state import check_compatible, step_checkpoints
+
+    found = step_checkpoints(out_dir)
+    if not found:
+        return
+    folder = found[-1][1]
+    saved = read_meta(folder).get("fingerprint", {})
+    current = {
+        "model_config": model.config.to_dict(),
+        "stage": stage,
+        "tokenizer": lambda: file_blake2b(tokenizer_file(tokenizer_dir)),
+        "data": lambda: data_identity(data, stage, tokenizer_dir, max_seq_len),
+    }
+    keys = [k for k in current if k in saved]
+    current = {k: current[k]() if callable(current[k]) else current[k] for k in keys}
+    check_compatible(saved, current, folder, keys)
+
+
+CHAT_STAGES = {"sft": "sft", "reasoning": "reason", "dpo": "dpo", "rlaif": "grpo"}
+
+
+def warn_on_data_kind(stage: str, shards: Path, data: Path, show: bool) -> None:
+    """Pretraining packs whatever it is given as plain text: say so when the file holds
+    conversations, which belong to sft (or dpo, reasoning, rlaif)."""
+    from minimind.data.shards import read_json
+
+    kind = read_json(shards / "meta.json")["kind"]
+    if stage == "pretrain" and kind != "pretrain" and show:
+        print(
+            f"warning: {data} holds {kind} records (conversations), not pretraining text; "
+            f"pretraining packs them as templated text. For chat data use "
+            f"`minimind train {CHAT_STAGES.get(kind, 'sft')}`."
+        )
 
 
 def build_model(args, tokenizer, save_dir: Path):
@@ -205,13 +316,21 @@ def run(stage_name: str, argv: list[str]) -> Path:
     tokenizer = load_tokenizer(tok_dir)
     model = build_model(args, tokenizer, save_dir)
     world = setup(args.device)
-    with main_first(world):  # rank 0 prepares the shard cache; the others then find it complete
-        shards = resolve_data(stage_name, args.data_path, tok_dir, args.max_seq_len)
-    stage = stages()[stage_name].from_args(args, shards)
     name = weight_name(args.save_weight, model.config)
+    out_dir = Path(args.out_dir) if args.out_dir else paths.checkpoints_dir() / name
+    resume = bool(args.from_resume) or args.resume
+    data = data_file(stage_name, args.data_path)
+    if resume:  # refuse before anything is written, the data cache included
+        check_resume(out_dir, model, stage_name, tok_dir, data, args.max_seq_len)
+    with main_first(world):  # rank 0 prepares the shard cache; the others then find it complete
+        shards = resolve_data(
+            stage_name, data, tok_dir, args.max_seq_len, args.on_error, verbose=world.is_main
+        )
+    warn_on_data_kind(stage_name, shards, data, world.is_main)
+    stage = stages()[stage_name].from_args(args, shards)
     tracker = "wandb" if args.use_wandb else "swanlab" if args.use_swanlab else None
     config = TrainConfig(
-        out_dir=args.out_dir or str(paths.checkpoints_dir() / name),
+        out_dir=str(out_dir),
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -232,7 +351,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
         keep_last=args.keep_last,
         log_interval=args.log_interval,
         seed=args.seed,
-        resume=bool(args.from_resume) or args.resume,
+        resume=resume,
         num_workers=args.num_workers,
         tracker=tracker,
         tracker_project=args.wandb_project,
@@ -269,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     """`minimind train STAGE [flags]`."""
     from minimind.checkpoint import CheckpointError
     from minimind.data.formats import DataError
+    from minimind.data.prepare import StaleShardsError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     known = stages()
@@ -281,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asks_help else 2
     try:
         run(argv[0], argv[1:])
-    except (UsageError, DataError, CheckpointError, ValueError) as err:
+    except (UsageError, DataError, CheckpointError, StaleShardsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

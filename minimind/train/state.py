@@ -65,16 +65,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
-    """Refuse to resume when the model config, tokenizer, data or stage differ."""
-    diffs = [
-        f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
-        for key in current
-        if saved.get(key) != current[key]
-    ]
+def differing_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """`key: saved -> current` for every leaf that differs, nested keys joined by dots.
+
+    >>> differing_keys({"m": {"a": 1, "b": 2}, "s": "x"}, {"m": {"a": 1, "b": 3}, "s": "x"})
+    ['m.b: 2 -> 3']
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += differing_keys(saved.get(key), current.get(key), name)
+        return out
+    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+def check_compatible(
+    saved: dict[str, Any], current: dict[str, Any], folder: Path, keys=None
+) -> None:
+    """Refuse to resume when the model config, tokenizer, data or stage differ (only `keys`
+    of `current` when given); the message names the differing keys, checkpoint -> this run."""
+    diffs = []
+    for key in current if keys is None else keys:
+        diffs += differing_keys(saved.get(key), current.get(key), key)
     if diffs:
         raise ValueError(
-            f"cannot resume from {folder}: "
+            f"cannot resume from {folder} (checkpoint -> this run): "
             + "; ".join(diffs)
             + ". Start a new run (another --out_dir) or restore the original settings."
         )
