@@ -78,7 +78,8 @@ class Submission:
             raise bad_request(str(exc)) from None
         except RuntimeError as exc:
             self.cancel()
-            raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+            msg = f"The server is shutting down ({exc})."
+            raise APIError(503, msg, type="server_error", code="shutting_down") from None
 
     async def events(self) -> list[Event]:
         return await self.channel.get()

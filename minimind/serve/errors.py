@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+# What a client reads when the server fails; the exception itself goes to the log only.
+INTERNAL_ERROR = "The server had an error while processing your request."
+
 
 def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code=None

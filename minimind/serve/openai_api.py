@@ -13,6 +13,17 @@ Design decisions:
   (then 429 with Retry-After), n <= 16, and a prompt plus its max_tokens must fit the context
   (else 400, as OpenAI; max_tokens is never silently clamped; omitted, it is the rest of the
   context).
+- No request can stall the others: a body over `max_body_bytes` is refused with 413 from its
+  Content-Length, before it is read (or as soon as a chunked body passes the limit); a prompt
+  with more characters than the context's tokens can span is refused before it is tokenized;
+  parsing, rendering and tokenizing run in a worker thread, off the event loop that feeds the
+  streams. One request queues at most `max_request_rows` rows (prompts x n; default
+  max_waiting // 8), so no request takes more than a fair share of the waiting queue.
+- Message content is text: `<|im_start|>` typed in a message is not a control token
+  (minimind.tokenizer.chat.encode_chat). A text completion's prompt is the caller's own
+  document, so control tokens written in it do act.
+- A failure inside the server reaches the client as a generic 500 (OpenAI's shape); the
+  exception goes to the log. A non-ASCII API key is compared as bytes: a wrong one is 401.
 - A client that goes away cancels its rows: a stream's generator is cancelled by Starlette
   when the client disconnects, a non-streamed request watches for the disconnect message.
 - Stop strings are matched on text, across token boundaries, and not sent; when one appears
@@ -51,10 +62,12 @@ from starlette.exceptions import HTTPException
 from minimind.infer.batcher import Batcher
 from minimind.infer.chat import prompt_ids, stop_ids
 from minimind.infer.load import LoadedModel
+from minimind.tokenizer.chat import render
+from minimind.tokenizer.stream import token_bytes
 
 from . import protocol
 from .bridge import Submission
-from .errors import APIError, error_body
+from .errors import INTERNAL_ERROR, APIError, bad_request, error_body
 from .reply import Piece, ReplyStream
 
 log = logging.getLogger(__name__)
@@ -89,6 +102,9 @@ def _tool_call(call: dict, index: int) -> dict:
     }
 
 
+MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more JSON than any context here holds
+
+
 class OpenAIServer:
     """The routes' logic over one loaded model and its batcher."""
 
@@ -99,13 +115,22 @@ class OpenAIServer:
         api_key: str | None = None,
         served_names: Sequence[str] | None = None,
         stream_interval: float = 0.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_request_rows: int | None = None,
     ):
-        self.loaded, self.batcher, self.api_key = loaded, batcher, api_key
+        self.loaded, self.batcher = loaded, batcher
+        self.api_key = None if api_key is None else api_key.encode("utf-8")
         self.stream_interval = stream_interval
+        self.max_body_bytes = max_body_bytes
+        # a fair share of the queue: at least eight requests of the largest size can wait
+        self.max_request_rows = max_request_rows or max(1, batcher.max_waiting // 8)
         self.tokenizer = loaded.tokenizer
         self.names = list(served_names or [loaded.name])
         self.stop_ids = stop_ids(loaded.tokenizer, loaded.model)
         self.created = int(time.time())
+        # A token spans at most this many characters (bytes bound characters), so a text of
+        # more than max_len * this many characters cannot fit: refused without tokenizing it.
+        self.max_chars = batcher.max_len * max(map(len, token_bytes(loaded.tokenizer.backend)))
 
     # --- checks shared by the routes --------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -113,16 +138,40 @@ class OpenAIServer:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), self.api_key):
+        # Compared as bytes: Starlette decodes headers as latin-1, so any byte gives a str that
+        # encodes back to the bytes sent (compare_digest refuses non-ASCII str with TypeError).
+        given = key.strip().encode("latin-1")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, self.api_key):
             raise APIError(
                 401,
                 "Incorrect API key provided." if header else "Missing API key (Bearer).",
                 code="invalid_api_key",
             )
 
-    async def body(self, request: Request, cls: type[protocol.SamplingRequest]):
+    async def read(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to exceed the limit: from
+        Content-Length before reading anything, else while it streams in."""
         self.authorize(request)
-        raw = await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(int(declared))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(size, more=True)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int, more: bool = False) -> APIError:
+        return APIError(
+            413,
+            f"The request body is {'over ' if more else ''}{size} bytes; this server accepts "
+            f"at most {self.max_body_bytes} (--max_body_mb).",
+            code="request_too_large",
+        )
+
+    def parse(self, raw: bytes, cls: type[protocol.SamplingRequest]):
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -130,6 +179,25 @@ class OpenAIServer:
         req = protocol.parse(cls, data)
         protocol.check_model(req.model, self.names)
         return req
+
+    def check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_chars:
+            raise bad_request(
+                f"This model's maximum context length is {self.batcher.max_len} tokens, but "
+                f"the prompt is {chars} characters, more than that many tokens can hold. "
+                "Shorten the prompt.",
+                param,
+                "context_length_exceeded",
+            )
+
+    def check_rows(self, rows: int, prompts: int) -> None:
+        if rows > self.max_request_rows:
+            raise bad_request(
+                f"This request asks for {rows} generations ({prompts} prompt(s) x n); this "
+                f"server takes at most {self.max_request_rows} per request (a fair share of "
+                "its queue). Split the request.",
+                "n" if prompts == 1 else "prompt",
+            )
 
     # --- routes -----------------------------------------------------------------------------
     def health(self) -> dict:
@@ -142,11 +210,32 @@ class OpenAIServer:
         ]
         return {"object": "list", "data": data}
 
-    async def chat(self, request: Request):
-        req: protocol.ChatRequest = await self.body(request, protocol.ChatRequest)
+    def chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, list[dict] | None, list[int]]:
+        """Body -> (request, tools, prompt ids). CPU work: run in a worker thread."""
+        req = self.parse(raw, protocol.ChatRequest)
         tools = req.template_tools()
         messages = [m.for_template() for m in req.messages]
-        ids = prompt_ids(self.tokenizer, messages, tools, req.thinking())
+        thinking = req.thinking()
+        self.check_rows(req.n, 1)
+        self.check_chars(len(render(messages, tools, True, thinking)), "messages")
+        return req, tools, prompt_ids(self.tokenizer, messages, tools, thinking)
+
+    def completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest, list[list[int]]]:
+        """Body -> (request, prompt ids per prompt). CPU work: run in a worker thread."""
+        req = self.parse(raw, protocol.CompletionRequest)
+        prompts = req.prompts()
+        self.check_rows(len(prompts) * req.n, len(prompts))
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_chars(len(p), "prompt")
+        # as pretraining: a document follows an eos
+        ids = [(list(p) if isinstance(p, list) else self.tokenizer.encode(p)) for p in prompts]
+        return req, [p or [self.tokenizer.eos_id] for p in ids]
+
+    async def chat(self, request: Request):
+        raw = await self.read(request)
+        # parsing, rendering and tokenizing off the event loop: streams keep flowing meanwhile
+        req, tools, ids = await asyncio.to_thread(self.chat_prompt, raw)
         requested, param = req.requested_tokens()
         budget = protocol.token_budget(len(ids), requested, param, self.batcher.max_len)
         configs = protocol.generation_configs(req, budget, self.stop_ids, req.n)
@@ -170,12 +259,11 @@ class OpenAIServer:
         }
 
     async def completions(self, request: Request):
-        req: protocol.CompletionRequest = await self.body(request, protocol.CompletionRequest)
+        raw = await self.read(request)
+        req, encoded = await asyncio.to_thread(self.completion_prompts, raw)
         requested, param = req.requested_tokens()
         prompts, configs = [], []
-        for p in req.prompts():
-            ids = list(p) if isinstance(p, list) else self.tokenizer.encode(p)
-            ids = ids or [self.tokenizer.eos_id]  # as pretraining: a document follows an eos
+        for ids in encoded:
             budget = protocol.token_budget(
                 len(ids), requested, param, self.batcher.max_len, "prompt"
             )
@@ -222,10 +310,8 @@ class OpenAIServer:
             if choice.finish_reason is not None:
                 continue  # tokens already in flight when a stop string cancelled the row
             if token is None:
-                error = sub.requests[i].error
-                raise APIError(
-                    500, f"generation failed: {error}", type="server_error", code="internal"
-                )
+                log.error("generation failed: %r", sub.requests[i].error)
+                raise APIError(500, INTERNAL_ERROR, type="server_error", code="internal")
             pieces = choice.reply.feed(token)
             if choice.reply.stopped:
                 sub.cancel(i)
@@ -370,11 +456,15 @@ def create_app(
     max_len: int | None = None,
     served_names: Sequence[str] | None = None,
     stream_interval: float = 0.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_request_rows: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `loaded`; its batcher thread runs while the app is up
     (`app.state.server.batcher`)."""
     batcher = Batcher(loaded.model, max_rows=max_rows, max_waiting=max_waiting, max_len=max_len)
-    server = OpenAIServer(loaded, batcher, api_key, served_names, stream_interval)
+    server = OpenAIServer(
+        loaded, batcher, api_key, served_names, stream_interval, max_body_bytes, max_request_rows
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -399,8 +489,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        body = error_body(f"internal error: {exc}", "server_error")
+        # The exception text stays in the log: it may describe the server, not the request.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = error_body(INTERNAL_ERROR, "server_error")
         return JSONResponse(body, status_code=500)
 
     @app.get("/health")
@@ -474,6 +565,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds between a stream's chunks at least (the first goes at once); tokens "
         "decoded meanwhile share a chunk. 0: a chunk whenever tokens are ready",
     )
+    g.add_argument(
+        "--max_body_mb",
+        type=float,
+        default=MAX_BODY_BYTES / 2**20,
+        help="largest request body in MiB; larger ones get 413 before they are read",
+    )
+    g.add_argument(
+        "--max_request_rows",
+        type=int,
+        default=None,
+        help="generations (prompts x n) one request may queue (default: max_waiting // 8)",
+    )
     g.add_argument("--log_level", default="info")
     return p.parse_args(argv)
 
@@ -497,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         max_len=args.max_seq_len,
         served_names=args.served_model_name,
         stream_interval=args.stream_interval,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_request_rows=args.max_request_rows,
     )
     print(f"serving {loaded.describe()} at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

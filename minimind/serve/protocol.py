@@ -5,10 +5,13 @@ a number belongs is an error, not a coercion) and every check a request must pas
 reaches the batcher: field types and ranges, unsupported options, the model name, and the
 token budget against the context. Each failure is an `APIError` with status 400 (404 for an
 unknown model) naming the offending parameter. Unknown fields are ignored, as OpenAI-compatible
-servers do, so clients that send newer fields keep working (`response_format`, for one, has no
-effect). Options that would change the answer's meaning but cannot be honoured are refused:
-`logprobs`, `echo`, `suffix`. `tool_choice="none"` leaves the tools out of the prompt; other
-values list them, but a small model cannot be forced to call one ("required" is not enforced).
+servers do, so clients that send newer fields keep working. Options that would change the
+answer's meaning but cannot be honoured are refused, never silently ignored: `logprobs`,
+`echo`, `suffix`, a `response_format` other than text (no constrained decoding here), and a
+`tool_choice` that forces a call ("required" or a named function). `tool_choice="none"` leaves
+the tools out of the prompt; "auto" lists them. OpenAI's rules between fields hold: a `tool`
+message needs its `tool_call_id`; `stream_options` needs `stream`. A text completion's
+`prompt` is a string, a list of strings, a list of token ids or a list of such lists.
 
 Extensions beyond OpenAI's fields, with vLLM's names: `top_k`, `repetition_penalty`,
 `min_tokens`, `ignore_eos` (the benchmark uses it to force a fixed length), and for chat
@@ -131,12 +134,21 @@ class SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check(self) -> None:
+        """OpenAI's rules between fields (APIError 400)."""
+        if self.stream_options is not None and not self.stream:
+            raise bad_request(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+            )
+
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -145,6 +157,31 @@ class ChatRequest(SamplingRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
+
+    def check(self) -> None:
+        super().check()
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and not m.tool_call_id:
+                raise bad_request(
+                    f"messages.{i}: a message with role 'tool' must have a 'tool_call_id' (the "
+                    "id of the call it answers).",
+                    f"messages.{i}.tool_call_id",
+                )
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            # Refused rather than ignored: a client asking for JSON must not get free text.
+            raise bad_request(
+                f"response_format {kind!r} is not supported: this server does not constrain "
+                "decoding to JSON. Omit response_format (or use {'type': 'text'}) and ask for "
+                "JSON in the prompt.",
+                "response_format",
+            )
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            raise bad_request(
+                f"tool_choice {self.tool_choice!r} is not supported: this server cannot force "
+                "the model to call a tool. Use 'auto' (the model decides) or 'none'.",
+                "tool_choice",
+            )
 
     def template_tools(self) -> list[dict] | None:
         """The tools to list in the prompt and parse calls for (none when tool_choice="none")."""
@@ -160,13 +197,14 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: a string, or token ids (OpenAI accepts both)."""
+        """One entry per prompt: a string, or token ids (OpenAI accepts a string, a list of
+        strings, a list of token ids, or a list of such lists)."""
         if isinstance(self.prompt, str):
             return [self.prompt]
         if self.prompt and all(isinstance(p, int) for p in self.prompt):
@@ -207,6 +245,7 @@ def parse(cls: type[SamplingRequest], body: Any) -> SamplingRequest:
         raise bad_request("echo is not supported by this server", "echo")
     if getattr(request, "suffix", None):
         raise bad_request("suffix is not supported by this server", "suffix")
+    request.check()
     return request
 
 
