@@ -51,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "minimind.serve.web:main",
         "chat in the browser (Streamlit) with a local model or an OpenAI-compatible endpoint",
     ),
+    "eval": ("minimind.eval.cli:main", "evaluate a model: perplexity, accuracy, DPO, reasoning"),
     "export": ("minimind.convert.export_cli:main", "export: hf (vLLM) | gguf | ollama"),
 }
 

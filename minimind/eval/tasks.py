@@ -2,9 +2,12 @@
 
 Owns `score` (pure: is a free-text answer correct?), `answer_accuracy` (greedy batched
 generation through minimind.infer, then `score`) and `preference_accuracy` (does the model
-give the chosen reply of a held-out DPO pair the higher log-probability?). Questions come as rlaif records with an
+give the chosen reply of a held-out DPO pair the higher log-probability?) and
+`reasoning_accuracy` (do greedy replies to reasoning prompts follow the think/answer layout, and
+is their answer the reference's?). Questions come as rlaif records with an
 `answer` field (minimind.data.formats.RLAIFRecord), the format of the demo corpus's eval
-splits; `score` is the RL stages' verifiable reward (minimind.train.rewards), not a copy.
+splits; `score` is the RL stages' verifiable reward (minimind.train.rewards), not a copy, and
+the reasoning check is the reasoning stage's (minimind.train.rewards.reasoning_layout).
 """
 
 from __future__ import annotations
@@ -141,3 +144,51 @@ def preference_accuracy(model, tokenizer, records: Sequence, *, batch_size: int 
                     )
                 )
     return result
+
+
+def reasoning_accuracy(
+    model,
+    tokenizer,
+    records: Sequence,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+) -> tuple[Accuracy, Accuracy]:
+    """(format rate, answer match) of greedy replies to reasoning conversations (Conversation
+    records ending with the reference assistant turn): each prompt is every turn before it with
+    the plain generation prompt (thinking on), as the reasoning stage asks its held-out
+    prompts; replies are decoded with their tags (added tokens) and read by
+    `reasoning_layout` against the reference reply as the chat template renders it.
+    `samples` keep (question, reply, reference, ok) of the first replies."""
+    from minimind.infer import generate
+    from minimind.tokenizer import encode_chat, render
+    from minimind.train.rewards import reasoning_layout
+
+    layout, match = Accuracy(), Accuracy()
+    model.eval()
+    stop = tokenizer.eos_id
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts, references = [], []
+        for r in batch:
+            messages, tools = [m.to_dict() for m in r.messages], r.tools
+            prompt = render(messages[:-1], tools, add_generation_prompt=True)
+            # the reference reply: the last turn as rendered after the generation prompt, up to
+            # its <|im_end|> (reasoning_content, if any, rendered inside <think> as trained)
+            full = render(messages, tools)
+            references.append(full[len(prompt) :].rsplit(tokenizer.decode([stop]), 1)[0])
+            prompts.append(encode_chat(tokenizer, messages[:-1], tools, True)[0])
+        outs = generate(
+            model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[stop]
+        )
+        for r, out, reference in zip(batch, outs, references, strict=True):
+            ids = out[:-1] if out and out[-1] == stop else list(out)
+            reply = tokenizer.decode(ids, skip_special_tokens=False)
+            ok_layout, ok_match = reasoning_layout(reply, reference)
+            for acc, ok in ((layout, ok_layout), (match, ok_match)):
+                acc.correct += ok
+                acc.total += 1
+                acc.oks.append(ok)
+                if len(acc.samples) < 4:
+                    acc.samples.append((r.messages[-2].content, reply, reference, ok))
+    return layout, match

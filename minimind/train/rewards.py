@@ -346,11 +346,27 @@ def format_reward(samples: list[Sample]) -> list[float]:
     [1.0, 0.0, 0.0, 0.0]
     """
 
-    def one(sample: Sample) -> float:
-        parts = split_reasoning(sample.completion)
-        return float(parts is not None and bool(parts[1].strip()))
+    return _each("format", lambda s: float(reasoning_layout(s.completion)[0]), samples)
 
-    return _each("format", one, samples)
+
+def reasoning_layout(reply: str, reference: str | None = None) -> tuple[bool, bool]:
+    """(is `reply` in the think/answer layout with a non-empty answer, as `format_reward` pays
+    for; is its answer block the `reference` reply's, whitespace collapsed). The reasoning
+    stage's held-out measure and `minimind eval`'s reasoning task both read replies with it.
+
+    >>> ref = "<think>\\n7 + 5\\n</think>\\n<answer>\\n12 apples\\n</answer>"
+    >>> reasoning_layout("<think>\\nadd\\n</think>\\n<answer>\\n12  apples\\n</answer>", ref)
+    (True, True)
+    >>> reasoning_layout("<think>\\n\\n</think>\\n<answer>\\n11\\n</answer>", ref)
+    (True, False)
+    >>> reasoning_layout("12 apples", ref)
+    (False, False)
+    """
+    got = split_reasoning(reply)
+    if got is None or not got[1].strip():
+        return False, False
+    gold = None if reference is None else split_reasoning(reference)
+    return True, gold is not None and " ".join(got[1].split()) == " ".join(gold[1].split())
 
 
 def length_penalty(samples: list[Sample], target: int = 512) -> list[float]:

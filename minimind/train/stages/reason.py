@@ -10,8 +10,8 @@ MiniMind's `trainer/train_reason.py` (documented as `train_distill_reason.py`).
   elsewhere; the units are the summed weights, so the engine's division by the global count
   makes the loss a weighted mean and 1x8 = 8x1 still holds (tested).
 - Evaluation (`Stage.evaluate`): greedy replies to the held-out prompts: the share that follows
-  the layout (minimind.data.formats.split_reasoning, with a non-empty answer) and the share
-  whose answer block equals the reference's (normalised whitespace), beside the weighted loss.
+  the layout and the share whose answer block equals the reference's (both read by
+  minimind.train.rewards.reasoning_layout), beside the weighted loss.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from minimind.data.formats import split_reasoning
+from minimind.train.rewards import reasoning_layout
 
 from ..stage import IGNORE_INDEX, LossOutput, register
 from .sft import SFTStage
@@ -144,16 +144,14 @@ class ReasonStage(SFTStage):
             first = int((labels != IGNORE_INDEX).nonzero()[0])  # the reply starts after it
             prompts.append(ids[: first + 1].tolist())
             gold_ids = [int(t) for t in labels[first:] if t != IGNORE_INDEX and t != stop]
-            golds.append(split_reasoning(tok.decode(gold_ids, skip_special_tokens=False)))
+            golds.append(tok.decode(gold_ids, skip_special_tokens=False))
         outs = self.ctx.policy.generate(prompts, max_new_tokens=256, temperature=0.0)
         formatted = answered = 0
         for out, gold in zip(outs, golds, strict=True):
             ids = out[:-1] if out and out[-1] == stop else list(out)
-            got = split_reasoning(tok.decode(ids, skip_special_tokens=False))
-            if got is not None and got[1].strip():
-                formatted += 1
-                if gold is not None and " ".join(got[1].split()) == " ".join(gold[1].split()):
-                    answered += 1
+            layout, match = reasoning_layout(tok.decode(ids, skip_special_tokens=False), gold)
+            formatted += layout
+            answered += match
         loss = self._engine_loss(model)
         return {"loss": loss, "format_rate": formatted / n, "answer_match": answered / n}
 
