@@ -326,3 +326,101 @@ def test_cli_pretraining_on_chat_data_warns(data, tmp_path, home, capsys):
     assert main(cli_train(tmp_path, chat, data["tokenizer"], "--out_dir", str(tmp_path / "a"))) == 0
     out = capsys.readouterr().out
     assert "warning:" in out and "sft records" in out and "minimind train sft" in out
+
+
+# ---------------------------------------------------------------- filesystem faults
+def mount_tmpfs(folder: Path, options: str) -> bool:
+    """Mount a tmpfs at `folder` (root only); False where that is not possible."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write in: a read-only tmpfs for root (which ignores permission
+    bits), mode 0555 for anyone else."""
+    folder = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif mount_tmpfs(folder, "ro,size=64k"):
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        pytest.skip("running as root without mount: no folder is read-only to us")
+
+
+def test_cli_unwritable_save_dir_is_refused_before_training(
+    data, tmp_path, home, read_only_dir, capsys
+):
+    from minimind.train.cli import main
+
+    corpus = data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl"
+    args = cli_train(tmp_path, corpus, data["tokenizer"], "--out_dir", str(tmp_path / "run"))
+    code = main([*args, "--save_dir", str(read_only_dir / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert err.startswith(f"error: --save_dir {read_only_dir / 'out'} is not writable: ")
+    assert err.endswith(("read-only file system", "permission denied"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not (home / "dataset").exists()  # no data cache for a refused run
+    # The engine checks its run folder itself, before the first step.
+    from minimind.fsutil import OutputError
+
+    with pytest.raises(OutputError, match=r"the run folder \(out_dir\) .* is not writable"):
+        train(read_only_dir / "run", data["pretrain"], 1)
+
+
+def test_a_write_cut_short_during_a_save_is_one_line_and_the_last_checkpoint_loads(data, tmp_path):
+    """A file size limit (RLIMIT_FSIZE) makes the kernel refuse writes past 600 kB, as a full
+    disk would: the weights file fits, torch.save's trainer_state.pt does not."""
+    import resource
+
+    from minimind.checkpoint import load_checkpoint, load_trainer_state
+    from minimind.fsutil import OutputError
+    from minimind.train.state import step_checkpoints
+
+    run = tmp_path / "run"
+    train(run, data["pretrain"], 1)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, hard))
+    try:
+        with pytest.raises(OutputError) as caught:
+            train(run, data["pretrain"], 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(caught.value)
+    assert "\n" not in message and "unexpected pos" not in message
+    assert message.startswith(f"cannot write the step checkpoint {run / 'step_00000002'}: ")
+    assert "the write stopped short" in message, message
+    assert [step for step, _ in step_checkpoints(run)] == [1]
+    load_checkpoint(run / "step_00000001")
+    assert load_trainer_state(run / "step_00000001")["step"] == 1
+
+
+def test_a_full_disk_is_found_before_a_save_and_the_last_checkpoint_loads(data, tmp_path):
+    from minimind.checkpoint import load_checkpoint, load_trainer_state
+    from minimind.fsutil import OutputError
+
+    disk = tmp_path / "disk"  # room for one step checkpoint (1.5 MB), not two
+    if not mount_tmpfs(disk, "size=2600k"):
+        pytest.skip("a small filesystem needs root and mount")
+    try:
+        run = disk / "run"
+        train(run, data["pretrain"], 1)
+        with pytest.raises(OutputError) as caught:
+            train(run, data["pretrain"], 2)
+        message = str(caught.value)
+        assert message.startswith(f"cannot write the step checkpoint {run / 'step_00000002'}: ")
+        assert "no space left on the device" in message and "MB free" in message
+        load_checkpoint(run / "step_00000001")
+        assert load_trainer_state(run / "step_00000001")["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -182,6 +182,7 @@ def resolve_data(
     (`cache_dir`); a cache whose input or tokenizer changed since is rebuilt, saying why."""
     from minimind.data.prepare import StaleShardsError, cached_differences, prepare
     from minimind.data.shards import Shards
+    from minimind.fsutil import explained_writes
 
     cls = stages()[stage]
     path = data_file(stage, spec)
@@ -194,16 +195,18 @@ def resolve_data(
         rebuild = bool(stale) and stale != ["preparation did not finish"]
         if rebuild and verbose:
             print(f"data cache {cache} is stale ({'; '.join(stale)}): rebuilding it")
-        try:
-            report = prepare(
-                path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error, overwrite=rebuild
-            )
-        except StaleShardsError as err:  # an unfinished cache of other content
-            if verbose:
-                print(f"data cache {cache} is stale ({err}): rebuilding it")
-            report = prepare(
-                path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error, overwrite=True
-            )
+        with explained_writes(cache, "the data cache"):
+            try:
+                report = prepare(
+                    path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error,
+                    overwrite=rebuild,
+                )  # fmt: skip
+            except StaleShardsError as err:  # an unfinished cache of other content
+                if verbose:
+                    print(f"data cache {cache} is stale ({err}): rebuilding it")
+                report = prepare(
+                    path, tokenizer_dir, cache, max_seq_len=cut, on_error=on_error, overwrite=True
+                )
         if verbose:
             print(report.format())
     Shards(cache)  # fail here, not in the loop, if the folder is unreadable
@@ -303,6 +306,7 @@ def build_model(args, tokenizer, save_dir: Path):
 def run(stage_name: str, argv: list[str]) -> Path:
     """Parse, resolve, train, export; returns the final checkpoint folder."""
     from minimind.convert.minimind2 import save_minimind2_pth
+    from minimind.fsutil import check_writable, explained_writes
     from minimind.tokenizer import load_tokenizer
 
     from .config import TrainConfig
@@ -320,6 +324,9 @@ def run(stage_name: str, argv: list[str]) -> Path:
     out_dir = Path(args.out_dir) if args.out_dir else paths.checkpoints_dir() / name
     resume = bool(args.from_resume) or args.resume
     data = data_file(stage_name, args.data_path)
+    if world.is_main:  # found now, not after training
+        check_writable(save_dir, "--save_dir")
+        check_writable(out_dir, "--out_dir")
     if resume:  # refuse before anything is written, the data cache included
         check_resume(out_dir, model, stage_name, tok_dir, data, args.max_seq_len)
     with main_first(world):  # rank 0 prepares the shard cache; the others then find it complete
@@ -360,9 +367,11 @@ def run(stage_name: str, argv: list[str]) -> Path:
     )
     trainer = Trainer(config, stage, model, tokenizer_dir=tok_dir, world=world)
     trainer.fit()
-    final = trainer.export(save_dir / name)
+    with explained_writes(save_dir / name, "the final weights"):
+        final = trainer.export(save_dir / name)
     if args.save_pth and trainer.world.is_main:
-        save_minimind2_pth(stage.export_model(trainer.model), save_dir / f"{name}.pth")
+        with explained_writes(save_dir / f"{name}.pth", "the .pth weights"):
+            save_minimind2_pth(stage.export_model(trainer.model), save_dir / f"{name}.pth")
     if trainer.world.is_main:
         print(f"saved {final}" + (f" and {save_dir / name}.pth" if args.save_pth else ""))
     return final
@@ -389,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from minimind.checkpoint import CheckpointError
     from minimind.data.formats import DataError
     from minimind.data.prepare import StaleShardsError
+    from minimind.fsutil import OutputError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     known = stages()
@@ -401,7 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asks_help else 2
     try:
         run(argv[0], argv[1:])
-    except (UsageError, DataError, CheckpointError, StaleShardsError, ValueError) as err:
+    except (
+        UsageError,
+        DataError,
+        CheckpointError,
+        StaleShardsError,
+        OutputError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

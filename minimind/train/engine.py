@@ -43,6 +43,7 @@ import functools
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from minimind.checkpoint import (
     save_checkpoint,
 )
 from minimind.data.sampler import ResumableSampler
+from minimind.fsutil import OutputError, check_writable, explained_writes, free_bytes
 
 from . import distributed as D
 from .config import TrainConfig
@@ -117,6 +119,22 @@ def tied_names(model: nn.Module) -> dict[str, str]:
         else:
             first[id(p)] = name
     return aliases
+
+
+def _tensors(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested state dict (shared tensors once)."""
+    seen: set[int] = set()
+    todo = [state]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            if id(item) not in seen:
+                seen.add(id(item))
+                yield item
+        elif isinstance(item, dict):
+            todo += item.values()
+        elif isinstance(item, list | tuple):
+            todo += item
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -343,6 +361,8 @@ class Trainer:
     def fit(self) -> Path:
         cfg, world = self.config, self.world
         seed_everything(cfg.seed + world.rank)
+        if world.is_main:  # a run that cannot save finds out now, not after all its steps
+            check_writable(self.run_dir, "the run folder (out_dir)")
         self._build()
         self.tracker = Tracker(
             self.run_dir,
@@ -589,7 +609,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _save_step(self) -> Path:
         """Every process takes part (FSDP2 gathers); only rank 0 writes."""
-        cfg, world = self.config, self.world
+        world = self.world
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(self.model, options=full)
         # FSDP2 gathers a tied head and its embedding into two tensors: share them again, so
@@ -605,39 +625,61 @@ class Trainer:
             rngs = [rng_state()]
         path = step_dir(self.run_dir, self.step)
         if world.is_main:
-            with CheckpointWriter(path) as w:
-                w.write_weights(weights, self.model.config)
-                if self.tokenizer_dir is not None:
-                    w.copy_tokenizer(self.tokenizer_dir)
-                w.write_meta(
-                    {
-                        "step": self.step,
-                        "samples_seen": self.samples_seen,
-                        "world_size": world.world_size,
-                        "train_config": cfg.to_dict(),
-                        "fingerprint": self._fingerprint(),
-                    }
-                )
-                w.write_trainer_state(
-                    {
-                        "optimizer": optim,
-                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                        "sampler": self.sampler.state_dict(),
-                        "stage": self.stage.state_dict(),
-                        "step": self.step,
-                        "samples_seen": self.samples_seen,
-                        "plan": self.plan,
-                        "rng": rngs,
-                        "tracker_run_id": self.tracker_run_id,
-                    }
-                )
-            for step, old in step_checkpoints(self.run_dir)[: -cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-                # The writer's lock file stays after a save; that step is never written again.
-                lock = step_dir(self.run_dir, step)
-                lock.with_name(f".{lock.name}.lock").unlink(missing_ok=True)
+            self._check_space(path, weights, optim)
+        with explained_writes(path, "the step checkpoint"):
+            if world.is_main:
+                self._write_step(path, weights, optim, rngs)
         D.barrier(world)
         return path
+
+    def _check_space(self, path: Path, *states: dict[str, Any]) -> None:
+        """Refuse a save the disk cannot hold before writing any of it (the tensors' bytes;
+        the previous checkpoints stay until the new one is complete)."""
+        need = 0
+        for state in states:
+            for t in _tensors(state):
+                need += t.numel() * t.element_size()
+        free = free_bytes(self.run_dir)
+        if need > free:
+            raise OutputError(
+                f"cannot write the step checkpoint {path}: no space left on the device "
+                f"({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)"
+            )
+
+    def _write_step(self, path: Path, weights, optim, rngs) -> None:
+        """Rank 0: the checkpoint folder, then the oldest beyond keep_last go."""
+        cfg, world = self.config, self.world
+        with CheckpointWriter(path) as w:
+            w.write_weights(weights, self.model.config)
+            if self.tokenizer_dir is not None:
+                w.copy_tokenizer(self.tokenizer_dir)
+            w.write_meta(
+                {
+                    "step": self.step,
+                    "samples_seen": self.samples_seen,
+                    "world_size": world.world_size,
+                    "train_config": cfg.to_dict(),
+                    "fingerprint": self._fingerprint(),
+                }
+            )
+            w.write_trainer_state(
+                {
+                    "optimizer": optim,
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "sampler": self.sampler.state_dict(),
+                    "stage": self.stage.state_dict(),
+                    "step": self.step,
+                    "samples_seen": self.samples_seen,
+                    "plan": self.plan,
+                    "rng": rngs,
+                    "tracker_run_id": self.tracker_run_id,
+                }
+            )
+        for step, old in step_checkpoints(self.run_dir)[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            # The writer's lock file stays after a save; that step is never written again.
+            lock = step_dir(self.run_dir, step)
+            lock.with_name(f".{lock.name}.lock").unlink(missing_ok=True)
 
     def export(self, path: str | Path, dtype: str | None = None) -> Path:
         """The trained model as a plain checkpoint folder (the stage's export form, e.g. LoRA
