@@ -424,3 +424,24 @@ def test_a_full_disk_is_found_before_a_save_and_the_last_checkpoint_loads(data, 
         assert load_trainer_state(run / "step_00000001")["step"] == 1
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# ---------------------------------------------------------------- conflicting flags
+def test_cli_conflicting_size_flags_are_refused(data, tmp_path, home, capsys):
+    from minimind.checkpoint import save_checkpoint
+    from minimind.train.cli import main
+
+    corpus = data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl"
+    args = cli_train(tmp_path, corpus, data["tokenizer"], "--out_dir", str(tmp_path / "run"))
+    assert main([*args, "--hidden_size", "128"]) == 1  # with cli_train's --preset tiny
+    err = capsys.readouterr().err
+    assert "--preset tiny sets the model size, and --hidden_size 128 would be ignored" in err
+    save_checkpoint(tmp_path / "base", tiny_model())  # hidden_size 64, dense
+    args = [a for a in args if a not in ("--preset", "tiny")]
+    base = ["--from_weight", str(tmp_path / "base")]
+    assert main([*args, *base, "--hidden_size", "512", "--use_moe", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--hidden_size 512 (the weights: 64), --use_moe 1 (the weights: 0) disagree" in err
+    assert "the weights set the model's size" in err
+    assert main([*args, *base, "--hidden_size", "64", "--use_moe", "0"]) == 0  # they agree
+    assert not (home / "dataset").exists() or len(caches(home)) == 1

@@ -76,9 +76,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     )
     # model (MiniMind's flags; used when starting from scratch)
     a("--preset", default=None, help="a named preset (minimind presets) instead of the size flags")
-    a("--hidden_size", type=int, default=512)
-    a("--num_hidden_layers", type=int, default=8)
-    a("--use_moe", type=int, default=0)
+    a("--hidden_size", type=int, default=None, help="default 512")
+    a("--num_hidden_layers", type=int, default=None, help="default 8")
+    a("--use_moe", type=int, default=None, help="default 0")
     a("--max_seq_len", type=int, default=d["max_seq_len"])
     # loop
     a("--epochs", type=int, default=d["epochs"])
@@ -111,6 +111,27 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--peak_tflops", type=float, default=None, help="device peak for the MFU estimate")
     cls.add_flags(p.add_argument_group(f"{stage} options"))
     return p
+
+
+# MiniMind's size flags and their defaults; None in the parser tells a flag given from one
+# left out, so that a conflict with --preset or --from_weight is an error, not ignored.
+SIZE_FLAGS = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": 0}
+
+
+def size_flags(args) -> dict[str, int]:
+    """The size flags given on the command line ({name: value}); fills in the others'
+    defaults. A --preset with a size flag is refused: one of them would be ignored."""
+    given = {k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None}
+    for k, default in SIZE_FLAGS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    if args.preset and given:
+        flags = " ".join(f"--{k} {v}" for k, v in given.items())
+        raise UsageError(
+            f"--preset {args.preset} sets the model size, and {flags} would be ignored: give "
+            "the preset or the size flags, not both"
+        )
+    return given
 
 
 def _dtype(name: str) -> str:
@@ -282,6 +303,21 @@ def build_model(args, tokenizer, save_dir: Path):
         src = resolve_weight(args.from_weight, args.hidden_size, bool(args.use_moe), save_dir)
         model = load_minimind2_pth(src) if src.suffix == ".pth" else load_checkpoint(src)[0]
         origin = str(src)
+        given = getattr(args, "size_given", {})
+        differ = {}
+        for k, v in given.items():
+            have = getattr(model.config, k)
+            if (bool(have) != bool(v)) if k == "use_moe" else have != v:
+                differ[k] = v
+        if differ:
+            flags = ", ".join(
+                f"--{k} {v} (the weights: {int(getattr(model.config, k))})"
+                for k, v in differ.items()
+            )
+            raise UsageError(
+                f"{flags} disagree with --from_weight {src}: the weights set the model's "
+                "size. Drop the size flags, or start from scratch with --from_weight none."
+            )
     else:
         if args.preset:
             config = preset(args.preset, vocab_size=tokenizer.vocab_size)
@@ -315,6 +351,7 @@ def run(stage_name: str, argv: list[str]) -> Path:
 
     args = build_parser(stage_name).parse_args(argv)
     stages()[stage_name].normalize_args(args)
+    args.size_given = size_flags(args)
     save_dir = Path(args.save_dir) if args.save_dir else paths.out_dir()
     tok_dir = _tokenizer_dir(args, save_dir)
     tokenizer = load_tokenizer(tok_dir)
