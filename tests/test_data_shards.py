@@ -375,3 +375,12 @@ def test_download_validates_arguments(tmp_path, monkeypatch, capsys):
         download("dpo", "github", tmp_path)
     with pytest.raises(SystemExit):
         download_main(["dpo", "--source", "github"])
+
+
+def test_check_command_fails_on_a_file_without_records(tmp_path, capsys):
+    from minimind.data.commands import check_main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert check_main([str(empty)]) == 1
+    assert f"error: {empty} holds no records" in capsys.readouterr().out

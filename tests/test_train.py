@@ -445,3 +445,33 @@ def test_cli_conflicting_size_flags_are_refused(data, tmp_path, home, capsys):
     assert "the weights set the model's size" in err
     assert main([*args, *base, "--hidden_size", "64", "--use_moe", "0"]) == 0  # they agree
     assert not (home / "dataset").exists() or len(caches(home)) == 1
+
+
+# ---------------------------------------------------------------- what a run reports
+def test_metrics_hold_each_step_once_after_a_resume_with_samples_seen(data, tmp_path):
+    run = tmp_path / "run"
+    train(run, data["pretrain"], 3)
+    # Killed after logging step 3, before its checkpoint was complete.
+    shutil.rmtree(run / "step_00000003")
+    train(run, data["pretrain"], 4)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["samples"] for r in steps] == [4, 8, 12, 16]  # the sampler's position
+
+
+def test_max_steps_beyond_the_epochs_says_it_is_capped(data, capsys, tmp_path):
+    config = TrainConfig(out_dir=str(tmp_path), max_steps=100, batch_size=4, epochs=2)
+    trainer = Trainer(config, PretrainStage(data["pretrain"], SEQ), tiny_model())
+    plan = trainer._plan(epoch_samples=40, step_samples=8)
+    assert plan["total_samples"] == 80
+    out = capsys.readouterr().out
+    assert "max_steps 100 is more than 2 epoch(s) of 5 steps: stopping after 10" in out
+
+
+def test_export_help_names_minimind_export(capsys):
+    from minimind.convert.export_cli import main
+
+    assert main(["gguf", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minimind export gguf") and "convert_model.py" not in out

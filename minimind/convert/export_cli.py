@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     if fmt not in FORMATS:
         print(f"minimind export: unknown format {fmt!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if "-h" in rest or "--help" in rest:  # convert's flags, under this command's name
+        from .cli import build_parser
+
+        parser = build_parser()
+        parser.prog = f"minimind export {fmt}"
+        parser.print_help()
+        return 0
     if "--to" in rest or any(a.startswith("--to=") for a in rest):
         print("minimind export: the format word sets --to; do not give both", file=sys.stderr)
         return 2

@@ -47,6 +47,9 @@ def check_main(argv: list[str] | None = None) -> int:
             return 1
         print(format_report(report))
         bad += report.bad_lines
+        if report.records == 0 and not report.bad_lines:
+            print(f"error: {path} holds no records")
+            bad += 1
     return 1 if bad else 0
 
 

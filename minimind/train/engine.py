@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import shutil
 import time
@@ -66,7 +67,13 @@ from minimind.checkpoint import (
     save_checkpoint,
 )
 from minimind.data.sampler import ResumableSampler
-from minimind.fsutil import OutputError, check_writable, explained_writes, free_bytes
+from minimind.fsutil import (
+    OutputError,
+    atomic_write,
+    check_writable,
+    explained_writes,
+    free_bytes,
+)
 
 from . import distributed as D
 from .config import TrainConfig
@@ -364,6 +371,8 @@ class Trainer:
         if world.is_main:  # a run that cannot save finds out now, not after all its steps
             check_writable(self.run_dir, "the run folder (out_dir)")
         self._build()
+        if self.resume_from is not None and world.is_main:
+            self._drop_metrics_after(self.step)
         self.tracker = Tracker(
             self.run_dir,
             {"train": cfg.to_dict(), **self._fingerprint()},
@@ -409,6 +418,24 @@ class Trainer:
             return step_dir(self.run_dir, self.step)
         finally:
             self.tracker.close()
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A run killed after logging steps it never saved logs them again when resumed:
+        drop the records past the resumed step, so metrics.jsonl holds each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] > step:
+                    continue
+            except (ValueError, KeyError, TypeError):  # a line cut by the kill
+                continue
+            keep.append(line)
+        if keep != lines:
+            atomic_write(path, lambda f: f.write("".join(keep).encode("utf-8")))
 
     def _loader(self, chunks: list[list[int]]) -> DataLoader:
         """Micro-batches of the dataset items in `chunks`, in order."""
