@@ -84,13 +84,27 @@ def test_pretrain_round_trip(prepared, corpus, tok):
     texts = [r.text for r in records(corpus["pretrain"])]
     assert len(shards.meta["shards"]) > 1 and shards.dtype == np.uint16
     assert len(shards) == len(texts)
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts):  # bos + text + eos, as MiniMind frames a sample
         ids = shards.doc(i).tolist()
-        assert ids == [*tok.encode(text), tok.eos_id]
-        assert tok.decode(ids) == text + tok.eos_token
+        assert ids == [tok.bos_id, *tok.encode(text), tok.eos_id]
+        assert tok.decode(ids) == tok.bos_token + text + tok.eos_token
     # The stream is the documents back to back.
     stream = shards.tokens(0, shards.num_tokens)
-    assert tok.decode(stream.tolist()) == "".join(t + tok.eos_token for t in texts)
+    framed = "".join(tok.bos_token + t + tok.eos_token for t in texts)
+    assert tok.decode(stream.tolist()) == framed
+
+
+def test_older_format_version_is_refused_by_the_reader_and_rebuilt_by_prepare(
+    tmp_path, corpus, tok_dir
+):
+    out = tmp_path / "out"
+    first = prepare(corpus["pretrain"], tok_dir, out, **SMALL)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "version": 1}))  # as v1 wrote it
+    with pytest.raises(ValueError, match=r"v1, this reader needs v2 .*bos \+ text \+ eos"):
+        Shards(out)
+    again = prepare(corpus["pretrain"], tok_dir, out, **SMALL)  # no StaleShardsError
+    assert again.reused == 0 and again.docs == first.docs and Shards(out).meta["version"] == 2
 
 
 @pytest.mark.parametrize("kind", ["sft", "reasoning"])
@@ -150,7 +164,7 @@ def test_uint32_when_vocabulary_exceeds_uint16(tmp_path, tok_dir):
     assert shards.dtype == np.uint32
     assert shards.doc(0).max() == 65599
     want = backend.encode(f"a <x{extra - 1}> b", add_special_tokens=False).ids
-    assert shards.doc(0).tolist() == [*want, 2]
+    assert shards.doc(0).tolist() == [1, *want, 2]  # bos, text, eos
 
 
 def test_max_seq_len_cuts_chat_documents(tmp_path, corpus, tok_dir, prepared):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -475,3 +476,39 @@ def test_export_help_names_minimind_export(capsys):
     assert main(["gguf", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: minimind export gguf") and "convert_model.py" not in out
+
+
+# ---------------------------------------------------------------- document framing
+@pytest.mark.slow
+def test_a_model_pretrained_here_is_not_hurt_by_a_leading_bos(data, tmp_path, one_thread):
+    """Pretraining documents are bos + text + eos, as MiniMind frames them (shards.py), so a
+    text read as MiniMind reads it, bos first, is no worse predicted than without the bos.
+    (Framed text + eos, the bos embedding was never trained as an input: with it first the
+    same toy model predicted the text worse.)"""
+    from minimind.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data["tokenizer"])
+    corpus = data["tokenizer"].parent / "corpus" / "pretrain_hq.jsonl"
+    texts = [json.loads(line)["text"] for line in corpus.read_text("utf-8").splitlines()[-100:]]
+    config = TrainConfig(
+        out_dir=str(tmp_path), epochs=10, batch_size=16, dtype="fp32", learning_rate=3e-3,
+        log_interval=1000, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(config, PretrainStage(data["pretrain"], 64, max_eval=8), tiny_model())
+    trainer.fit()
+    model = trainer.model.eval()
+
+    def nll(prefix: list[int]) -> float:
+        """Mean NLL of each text's tokens after its first (predicted in both framings)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for text in texts:
+                ids = torch.tensor([prefix + tok.encode(text)[:63] + [tok.eos_id]])
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+                per = -logp.gather(1, ids[0, 1:, None])[len(prefix) :, 0]
+                total, count = total + per.sum().item(), count + len(per)
+        return total / count
+
+    plain, framed = nll([]), nll([tok.bos_id])
+    assert plain < 0.5 * math.log(tok.vocab_size)  # the model learned the toy language
+    assert framed < plain, (framed, plain)

@@ -8,8 +8,8 @@ which windows are visited (sampler.py).
 Packing: window i is tokens [i*T, i*T + T + 1) of the whole stream: inputs are its first T
 tokens, labels its last T (label t is token t + 1). Windows do not overlap, every token is a
 label exactly once (but the first), nothing is padded and no token is wasted except the
-tail of fewer than T + 1 tokens. Documents are separated by eos (shards.py), so a window that
-spans a boundary reads `... end of A, eos, start of B ...`.
+tail of fewer than T + 1 tokens. Documents are framed bos + text + eos (shards.py), so a
+window that spans a boundary reads `... end of A, eos, bos, start of B ...`.
 
 Without document masking a token attends to earlier documents in its window, as in
 MiniMind and GPT-2 pretraining. With `doc_ids=True` each item also carries per-token

@@ -25,7 +25,8 @@ How it runs:
   `cached_differences` compares without reading the whole file (training's data cache). A rerun with the same
   facts skips finished shards and resumes after the last one (at its input byte offset); a
   rerun with different facts raises `StaleShardsError` naming what changed, unless
-  `overwrite`. `on_error` is not such a setting: a finished shard has no bad line under
+  `overwrite`. A folder of an older format version with the same facts is ours to redo: it
+  is rebuilt without asking. `on_error` is not such a setting: a finished shard has no bad line under
   "raise", so it is the same shard under "skip".
 - Kill safety: see shards.py; here, leftover temp files and the files of unfinished shards
   are deleted before a run resumes.
@@ -243,10 +244,11 @@ class ChunkEncoder:
         masks: list[list[int]] | None = None
         answers: list[str] = []
         if self.kind == "pretrain":
-            # One eos after each text separates the documents.
-            seqs = self.tok.encode_batch([r.text for r in records])
-            for ids in seqs:
-                ids.append(self.tok.eos_id)
+            # bos + text + eos, as MiniMind frames a pretraining sample (shards.py).
+            seqs = [
+                [self.tok.bos_id, *ids, self.tok.eos_id]
+                for ids in self.tok.encode_batch([r.text for r in records])
+            ]
         elif self.kind in ("sft", "reasoning"):
             seqs, masks = map(list, zip(*map(self._chat, records))) if records else ([], [])
         elif self.kind == "dpo":
@@ -515,6 +517,9 @@ def _refuse_if_stale(folder: Path, meta: dict[str, Any]) -> None:
     meta_path = folder / fmt.META
     if meta_path.is_file():
         changes = _differences(fmt.read_json(meta_path), meta)
+        if len(changes) == 1 and changes[0].startswith("format version"):
+            _clean(folder, 0, everything=True)  # derived data of an older layout: redo it
+            return
     else:  # shards without a meta.json cannot show what they were prepared from
         changes = ["shard files but no meta.json"] if any(folder.glob("shard_*")) else []
     if changes:

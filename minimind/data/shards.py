@@ -23,9 +23,11 @@ A prepared folder:
                                exists and every file it names has the size it records
 
 What a document is, per kind:
-- pretrain: the text's ids followed by eos (`<|im_end|>`, id 2 in MiniMind2's vocabulary:
-  MiniMind2's texts are already separated by literal `<|im_end|>`, so the same token ends a
-  document). No bos: the index, not a token, marks where a document starts.
+- pretrain: bos, the text's ids, eos (`<|im_start|>` ... `<|im_end|>`, ids 1 and 2 in
+  MiniMind2's vocabulary), as MiniMind frames a pretraining sample: the bos embedding, also
+  the first token of every chat turn, is trained from the first stage on, and a document
+  read with a leading bos is what the model saw. (Version 1 folders framed `text + eos`;
+  readers refuse them and training's data cache rebuilds them.)
 - sft, reasoning: the conversation as `encode_chat` renders it, with its loss mask.
 - dpo: two documents per record, chosen at 2i and rejected at 2i + 1, each with its mask;
   one stream with pair-aligned indexes keeps a pair in the same shard and makes pair i two
@@ -47,7 +49,7 @@ import numpy as np
 from minimind.fsutil import fsync_dir
 
 FORMAT = "minimind-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pretrain documents begin with bos
 META = "meta.json"
 MASKED_KINDS = ("sft", "reasoning", "dpo")  # kinds with a loss-mask file
 TMP_SUFFIX = ".tmp"
@@ -229,8 +231,14 @@ class Shards:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: no prepared shards here (run `data prepare`)")
         self.meta = read_json(meta_path)
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} folder")
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: not a {FORMAT} folder")
+        if self.meta.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path}: {FORMAT} v{self.meta.get('version')}, this reader needs "
+                f"v{FORMAT_VERSION} (v2 frames pretrain documents bos + text + eos); prepare "
+                "it again (`minimind data prepare --overwrite`)"
+            )
         if not self.meta["complete"]:
             raise ValueError(f"{meta_path}: preparation did not finish; run `data prepare` again")
         self.kind: str = self.meta["kind"]
