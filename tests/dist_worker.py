@@ -52,6 +52,7 @@ STAGES = {
     "dpo": DPOStage,
     "grpo": GRPOStage,
     "distill": DistillStage,
+    "distill_cached": DistillStage,
 }
 INDEX = "_index"
 
@@ -89,10 +90,15 @@ def recording(
                 super().__init__(data["pretrain"], SEQ, max_eval=max_eval)
             elif kind == "grpo":
                 super().__init__(data["rlaif"], num_generations=4, max_gen_len=8, max_eval=4)
-            elif kind == "distill":  # the same teacher on every rank: another seeded tiny model
+            elif kind.startswith("distill"):  # the same teacher on every rank: a seeded model
                 teacher = tiny_model()
                 torch.nn.init.normal_(teacher.lm_head.weight, std=0.5)
-                super().__init__(data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval)
+                kw = {}
+                if kind == "distill_cached":  # its top-8 cache, built by this world's ranks
+                    world = os.environ.get("WORLD_SIZE", "1")
+                    cache = Path(data["sft"]).parent / f"teacher_top8_world{world}"
+                    kw = dict(topk=8, teacher_cache=cache, cache_part_items=16)
+                super().__init__(data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval, **kw)
             else:
                 super().__init__(data[kind], SFT_LEN, max_eval=max_eval)
             self.seen: list[list[int]] = []  # one list per micro-batch, in training order
@@ -180,7 +186,12 @@ def run_job(job: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
         dist.all_gather_object(records, stage.seen)
     else:
         records = [stage.seen]
-    result = {"records": records, "weights": full_weights(trainer.model), "step": trainer.step}
+    result = {
+        "records": records,
+        "weights": full_weights(trainer.model),
+        "step": trainer.step,
+        "total_steps": trainer.total_steps,  # the progress bar's total
+    }
     if world.is_main and job.get("result_dir"):
         folder = Path(job["result_dir"])
         folder.mkdir(parents=True, exist_ok=True)

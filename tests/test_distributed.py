@@ -153,6 +153,8 @@ MULTI = {
     "fsdp_dpo_acc": dict(stage="dpo", batch_size=2, accumulation_steps=2, fsdp=True),
     # distillation: the frozen teacher outside DDP, its logits under the same loss contract
     "ddp_distill_acc": dict(stage="distill", batch_size=2, accumulation_steps=2),
+    # ... and from the teacher's top-k cache, whose parts the two ranks build between them
+    "ddp_distill_cached_acc": dict(stage="distill_cached", batch_size=2, accumulation_steps=2),
     # GRPO samples per rank (its own random stream), so it is not compared with one process;
     # it must run: rollouts from FSDP2 shards gather the full weights on every rank.
     "fsdp_grpo": dict(stage="grpo", batch_size=2, fsdp=True, tokenizer=True, steps=2),
@@ -182,6 +184,7 @@ def runs(tmp_path_factory, data):
             "ref_sft": dict(stage="sft", batch_size=GLOBAL),
             "ref_dpo": dict(stage="dpo", batch_size=GLOBAL),
             "ref_distill": dict(stage="distill", batch_size=GLOBAL),
+            "ref_distill_cached": dict(stage="distill_cached", batch_size=GLOBAL),
             "single_stop": dict(stage="pretrain", batch_size=GLOBAL, stop_after=STOP),
         }.items()
     }
@@ -266,7 +269,7 @@ def test_fsdp2_two_ranks_match_one_process(runs, name):
     assert_matches_one_process(runs, name)
 
 
-@pytest.mark.parametrize("name", ["ddp_dpo", "ddp_distill_acc"])
+@pytest.mark.parametrize("name", ["ddp_dpo", "ddp_distill_acc", "ddp_distill_cached_acc"])
 def test_ddp_dpo_and_distill_match_one_process(runs, name):
     assert_matches_one_process(runs, name)
 
@@ -506,6 +509,7 @@ def test_world_size_change_reads_the_planned_samples_once_at_their_learning_rate
     # Steps of 4 after steps of 8 (or the reverse): the step count follows the samples.
     left = planned - STOP * start_batch
     assert resumed["step"] == STOP + -(-left // (GLOBAL // 2 if start_batch == GLOBAL else GLOBAL))
+    assert resumed["total_steps"] == resumed["step"]  # the progress bar's total was right
     assert_learning_rates_follow_the_plan(
         replans.root / f"{direction}_{plan}" / "run",
         replans.root / f"ref{start_batch}_{plan}" / "run",

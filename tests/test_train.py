@@ -512,3 +512,22 @@ def test_a_model_pretrained_here_is_not_hurt_by_a_leading_bos(data, tmp_path, on
     plain, framed = nll([]), nll([tok.bos_id])
     assert plain < 0.5 * math.log(tok.vocab_size)  # the model learned the toy language
     assert framed < plain, (framed, plain)
+
+
+def test_progress_bar_advances_every_step_and_the_log_line_shows_samples(
+    data, tmp_path, capsys, monkeypatch
+):
+    train(tmp_path / "plain", data["pretrain"], 2)  # not a terminal: a line per logged step
+    out = capsys.readouterr().out
+    assert "step 2/2 " in out and "samples=8 " in out, out
+    seen = []
+
+    class Watching(Trainer):
+        def _train_step(self, micro, n):
+            seen.append(self.tracker._progress.tasks[0].completed)
+            return super()._train_step(micro, n)
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the rich bar
+    config = TrainConfig(out_dir=str(tmp_path / "bar"), max_steps=4, batch_size=4, log_interval=100)
+    Watching(config, PretrainStage(data["pretrain"], SEQ, max_eval=4), tiny_model()).fit()
+    assert seen == [0, 1, 2, 3]

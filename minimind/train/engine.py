@@ -396,6 +396,7 @@ class Trainer:
                     stepped = True
                     metrics = self._train_step(micro, n)
                     self.step += 1
+                    self.tracker.advance(self.step)
                     if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                         self.tracker.log(self.step, metrics)
                     if cfg.eval_interval and self.step % cfg.eval_interval == 0:

@@ -145,11 +145,17 @@ class Tracker:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
-        info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN)
+        info = " ".join(_shown(k, v) for k, v in metrics.items() if k in _SHOWN)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         elif "loss" in metrics or "eval_loss" in metrics:
             print(f"step {step}/{self.total_steps} {info} eta={self.eta(step)}", flush=True)
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar to `step` (called every step; `log` only every
+        log_interval)."""
+        if self.enabled and self._progress is not None:
+            self._progress.update(self._task, completed=step)
 
     def eta(self, step: int) -> str:
         done = step - self._start_step
@@ -170,4 +176,13 @@ class Tracker:
         self._file.close()
 
 
-_SHOWN = ("loss", "lr", "tokens_per_s", "mfu", "eval_loss")
+_SHOWN = ("loss", "lr", "samples", "tokens_per_s", "mfu", "eval_loss")
+
+
+def _shown(key: str, value: float) -> str:
+    """`key=value` for the console; counts as whole numbers.
+
+    >>> _shown("samples", 16384.0), _shown("lr", 0.000123456)
+    ('samples=16384', 'lr=0.0001235')
+    """
+    return f"{key}={int(value)}" if key == "samples" else f"{key}={value:.4g}"
