@@ -29,8 +29,6 @@ a frozen teacher's token distributions; MiniMind's `trainer/train_distillation.p
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -214,15 +212,14 @@ class DistillStage(LMStage):
         )
         if args.build_teacher_cache:
             # Build, then end the command: the cache is the product (train later from it).
-            from minimind.devices import pick_device
-
             from ..distributed import setup
+            from ..engine import autocast_for
 
             world = setup(args.device)
             dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
                 args.dtype, args.dtype
             )
-            stage.build_cache(world, _autocast(pick_device(args.device), dtype))
+            stage.build_cache(world, autocast_for(world.device, dtype))
             if world.is_main:
                 size = stage.cache.nbytes() / 2**20
                 print(f"teacher cache ready: {stage.cache_dir} ({size:.1f} MiB)")
@@ -450,11 +447,3 @@ class DistillStage(LMStage):
 def _config_hash(model: torch.nn.Module) -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True)
     return hashlib.blake2b(config.encode(), digest_size=8).hexdigest()
-
-
-def _autocast(device: torch.device, dtype: str):
-    """The training forward's autocast factory for `dtype` (as the engine makes it)."""
-    if dtype == "fp32":
-        return contextlib.nullcontext
-    kind = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return functools.partial(torch.autocast, device_type=device.type, dtype=kind)
