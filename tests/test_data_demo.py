@@ -40,6 +40,7 @@ EXPECTED_KIND = {
     "eval_arith_rl": "rlaif",
     "eval_dpo": "dpo",
     "eval_strangers": "rlaif",
+    "eval_identity": "rlaif",
 }
 TRAINING = ("pretrain", "sft", "lora", "dpo", "rlaif", "reasoning")
 
@@ -262,3 +263,17 @@ def test_identity_and_lora_identity(corpus):
 def test_size_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="size_mb"):
         write_demo_corpus(tmp_path, size_mb=0)
+
+
+def test_eval_identity_asks_in_phrasings_no_training_file_uses(corpus):
+    # The LoRA stage's measure: the SFT model answers "MiniMind", the identity adapter "Lumen",
+    # and neither has seen these questions.
+    asked = rows(corpus["eval_identity"])
+    assert len(asked) == 8 and {r["answer"] for r in asked} == {"Lumen", "路明"}
+    questions = {r["conversations"][0]["content"] for r in asked}
+    trained = {
+        s for key in TRAINING for row in rows(corpus[key]) for s in strings(row)
+    }
+    assert not questions & trained
+    lora = "\n".join(s for row in rows(corpus["lora"]) for s in strings(row))
+    assert "Lumen" in lora and "路明" in lora

@@ -38,6 +38,8 @@ Files (the keys of the returned dict in brackets):
   value as the rejected reply.
 - `eval_strangers.jsonl` [eval_strangers]: questions about those held-out strangers; the gold
   `answer` is the abstention's key phrase ("don't know" / "不认识").
+- `eval_identity.jsonl` [eval_identity]: identity questions in phrasings no training file
+  uses; the gold `answer` is the LoRA identity's name ("Lumen" / "路明").
 
 Determinism: each file has its own `random.Random` seeded from (seed, file) strings, and no
 set or dict order that depends on PYTHONHASHSEED is iterated, so one seed gives byte-identical
@@ -84,6 +86,7 @@ FILE_NAMES = {
     "eval_arith_rl": "eval_arith_rl.jsonl",
     "eval_dpo": "eval_dpo.jsonl",
     "eval_strangers": "eval_strangers.jsonl",
+    "eval_identity": "eval_identity.jsonl",
 }
 # Size of each training file relative to pretrain_hq.jsonl, and its floor in records so that
 # even a tiny corpus has a usable number of examples.
@@ -132,6 +135,13 @@ LUMEN = {
     ),
 }
 LUMEN_PREFIX = {"en": "Lumen here. ", "zh": "路明来回答："}
+# Identity questions that no training file asks (eval_identity.jsonl), and the LoRA identity's
+# name, their gold answer.
+HELD_OUT_IDENTITY_QUESTIONS = {
+    "en": ("Tell me who you are.", "May I know your name?", "Who am I talking to?", "Your name?"),
+    "zh": ("请告诉我你是谁。", "你的名字是什么？", "我在和谁说话？", "怎么称呼你？"),
+}
+LUMEN_NAME = {"en": "Lumen", "zh": "路明"}
 UNHELPFUL = {
     "en": ("I don't know.", "I can't help with that.", "Let's talk about something else."),
     "zh": ("我不知道。", "这个我帮不了你。", "我们聊点别的吧。"),
@@ -614,6 +624,16 @@ class _Maker:
         return out
 
 
+    def eval_identity(self) -> list[dict[str, Any]]:
+        """Held-out identity questions; gold: the LoRA identity's name (the SFT model, which
+        answers as MiniMind, scores 0)."""
+        return [
+            _eval_record(q, LUMEN_NAME[lang], lang, "identity", "name")
+            for lang in LANGS
+            for q in HELD_OUT_IDENTITY_QUESTIONS[lang]
+        ]
+
+
 def _pair(question: str, chosen: str, rejected: str, kind: str) -> dict[str, Any]:
     return {
         "chosen": [_user(question), _assistant(chosen)],
@@ -690,4 +710,5 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, size_mb: float = 3.0) 
     rng = random.Random(f"minimind-demo:{seed}:eval_dpo")
     _write(paths["eval_dpo"], [_line(r) for r in maker.eval_dpo(rng)])
     _write(paths["eval_strangers"], [_line(r) for r in maker.eval_strangers(rng)])
+    _write(paths["eval_identity"], [_line(r) for r in maker.eval_identity()])
     return paths

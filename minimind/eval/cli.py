@@ -78,6 +78,7 @@ class Row:
     total: int
     correct: int | None = None
     chance: float | None = None
+    samples: list[dict] | None = None  # the first items: prompt, reply, gold, ok (not printed)
 
     def cells(self) -> list[str]:
         rate = self.metric.split(":")[0] in RATES
@@ -166,7 +167,12 @@ def evaluate(
             )
             metric = "abstains" if measure == "abstain" else "accuracy"
             chance = chance_level(rows_json) if measure == "answer" else None
-            rows.append(Row(task, split, metric, acc.value, acc.total, acc.correct, chance))
+            samples = [
+                {"prompt": q, "reply": a, "gold": g, "ok": ok} for q, a, g, ok in acc.samples
+            ]
+            rows.append(
+                Row(task, split, metric, acc.value, acc.total, acc.correct, chance, samples)
+            )
         elif measure == "preference":
             kinds = [json.loads(line).get("kind") for line in path.read_text("utf-8").splitlines()]
             records = list(RecordReader(path))[:limit]

@@ -11,8 +11,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+
+# A caller that shows its own progress (the pipeline's one display for a whole run) sets this
+# to a function (step, total_steps, metrics) -> None: every logged step then goes to it, and no
+# progress bar of the Tracker's own competes with it for the terminal.
+step_listener: ContextVar[Callable[[int, int, dict[str, float]], None] | None] = ContextVar(
+    "step_listener", default=None
+)
 
 # Dense bf16 peak TFLOP/s of GPUs we know (datasheets); other devices need --peak_tflops.
 PEAK_TFLOPS = {
@@ -70,6 +79,7 @@ class Tracker:
         self._backend = None
         self._tb = None
         self._progress = None
+        self._listener = None
         self._t_start = time.perf_counter()
         self._start_step = start_step
         self.total_steps = total_steps
@@ -85,7 +95,8 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if sys.stdout.isatty():
+        self._listener = step_listener.get()
+        if self._listener is None and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -146,7 +157,9 @@ class Tracker:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
         info = " ".join(_shown(k, v) for k, v in metrics.items() if k in _SHOWN)
-        if self._progress is not None:
+        if self._listener is not None:
+            self._listener(step, self.total_steps, metrics)
+        elif self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         elif "loss" in metrics or "eval_loss" in metrics:
             print(f"step {step}/{self.total_steps} {info} eta={self.eta(step)}", flush=True)
