@@ -12,7 +12,11 @@ import sys
 
 # command words -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("minimind.pipeline:main", "run the offline demo pipeline end to end on CPU"),
+    "pipeline": (
+        "minimind.pipeline:main",
+        "every stage end to end, evaluated, with a report card (--from/--until, resumable)",
+    ),
+    "demo": ("minimind.pipeline:main", "the pipeline on its default: the offline demo on CPU"),
     "presets": ("minimind.model.config:main", "list the model presets and their sizes"),
     "tokenizer train": (
         "minimind.data.commands:tokenizer_train_main",

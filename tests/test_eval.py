@@ -111,7 +111,7 @@ def test_perplexity_equals_a_hand_computation(corpus):
     total, n_tokens = 0.0, 0
     with torch.no_grad():
         for text in texts:
-            ids = [tokenizer.eos_id, *tokenizer.encode(text), tokenizer.eos_id]
+            ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
             for s in range(0, len(ids) - 1, seq_len):
                 x, y = ids[s : s + seq_len], ids[s + 1 : s + seq_len + 1]
                 logp = model.eval()(torch.tensor([x])).logits[0, : len(y)].log_softmax(-1)

@@ -14,9 +14,11 @@ Files (the keys of the returned dict in brackets):
 - `lora_identity.jsonl` [lora]: sft records that give the model another identity, "Lumen, the
   lantern keeper of Cloudhill", so a LoRA's effect is visible in one question.
 - `dpo.jsonl` [dpo]: about the world's people, chosen is correct and helpful, rejected is
-  wrong or "I don't know"; about strangers (people not in the world, that no other file
-  mentions), chosen says so ("I don't know anyone called Zora.") and rejected makes a fact up.
-  SFT never shows either abstention, so the stranger pairs are what DPO has to teach.
+  wrong, "I don't know", or declines to know the person; about strangers (people not in the
+  world, that no other file mentions), chosen says so ("I don't know anyone called Zora.") and
+  rejected makes a fact up; identity questions and greetings, chosen is the SFT reply and
+  rejected an abstention. SFT never shows the abstention, so the stranger pairs are what DPO
+  has to teach, and the others keep it to strangers.
 - `rlaif-mini.jsonl` [rlaif]: questions with an empty last assistant turn and a verifiable
   `answer`: arithmetic on the RL operand pairs (demo_world.ArithSplit: in no other training
   file, so the SFT model has never seen them solved) and, less often, the world's facts.
@@ -135,6 +137,20 @@ LUMEN = {
     ),
 }
 LUMEN_PREFIX = {"en": "Lumen here. ", "zh": "路明来回答："}
+# Lumen in the world's own text (pretraining), in the third person: the LoRA stage then
+# teaches the model to BE Lumen, with words and tokens it already knows; without them the
+# adapter must learn to write byte tokens that no training ever used.
+LUMEN_ABOUT = {
+    "en": (
+        "At night Lumen, the lantern keeper of Cloudhill, lights the roads between the towns of "
+        "this little world and guides travellers home.",
+        "Lumen keeps the lanterns of Cloudhill burning and knows every road of this little world.",
+    ),
+    "zh": (
+        "夜里，云山镇的守灯人路明点亮这个小世界里城镇之间的道路，为旅人指引回家的路。",
+        "路明负责照看云山镇的灯火，熟悉这个小世界里的每一条路。",
+    ),
+}
 # Identity questions that no training file asks (eval_identity.jsonl), and the LoRA identity's
 # name, their gold answer.
 HELD_OUT_IDENTITY_QUESTIONS = {
@@ -287,6 +303,8 @@ class _Maker:
                 f"MiniMind是一个从零开始训练的小型语言模型，它读过一个小小世界的故事。这个世界有{len(towns)}个镇：{'、'.join(towns)}。",
                 f"住在{town.name.zh}的人有{'、'.join(residents)}。",
             ]
+        # chosen by the town, not by `rng`: the file's random stream is unchanged
+        parts.append(LUMEN_ABOUT[lang][self.world.towns.index(town) % 2])
         return _SEP[lang].join(parts)
 
     def _story(self, rng: random.Random, lang: str) -> str:
@@ -431,7 +449,8 @@ class _Maker:
     def dpo(self, rng: random.Random) -> dict[str, Any]:
         lang = rng.choice(LANGS)
         prompt = [{"role": "system", "content": SYSTEM[lang]}] if rng.random() < 0.2 else []
-        if rng.random() < 0.3:
+        kind = rng.random()
+        if kind < 0.3:
             stranger = rng.choice(STRANGERS[:-HELD_OUT_STRANGERS])
             question, chosen, rejected = self.stranger_pair(rng, lang, stranger, TRAIN_QUESTIONS)
             prompt.append(_user(question))
@@ -439,11 +458,29 @@ class _Maker:
                 "chosen": [*prompt, _assistant(chosen)],
                 "rejected": [*prompt, _assistant(rejected)],
             }
-        unhelpful = rng.random() < 0.3  # else the rejected reply is wrong
+        if kind < 0.4:
+            # Declining is for people the model was never told of, not for "Who are you?" or
+            # "Hello!": their SFT reply is chosen over an abstention.
+            stranger = rng.choice(STRANGERS[:-HELD_OUT_STRANGERS])
+            if rng.random() < 0.5:
+                question, chosen = rng.choice(IDENTITY_QUESTIONS[lang]), rng.choice(IDENTITY[lang])
+            else:
+                greetings, chosen = GREETINGS[lang]
+                question = rng.choice(greetings)
+            prompt.append(_user(question))
+            rejected = STRANGER_REPLY[lang].format(s=stranger.of(lang))
+            return {
+                "chosen": [*prompt, _assistant(chosen)],
+                "rejected": [*prompt, _assistant(rejected)],
+            }
+        # rejected: unhelpful, declining to know a person the model knows, or wrong
+        unhelpful = rng.random() < 0.3
         if rng.random() < 0.6:
             question, chosen, fact = self.fact_qa(rng, lang)
             wrong = rng.choice([v for v in self.values[fact.attribute] if v != fact.value])
             rejected = self.statement(rng, fact._replace(value=wrong), lang)
+            if not unhelpful and rng.random() < 0.3:
+                rejected = STRANGER_REPLY[lang].format(s=fact.subject.of(lang))
         else:
             question, chosen, c = self.arith_qa(rng, lang)
             wrong = max(0, c + rng.choice((-3, -2, -1, 1, 2, 3)))

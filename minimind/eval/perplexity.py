@@ -5,13 +5,12 @@ Owns `perplexity` (the measure) and the choice of text it is measured on: `held_
 (any jsonl or plain text file). Does not own loading the model (minimind.infer.load) or the
 table that prints the figures (cli.py).
 
-Framing: a document is `[eos] + text + [eos]`, the first eos given as context only. Our
-pretraining shards separate documents by one eos (minimind.data.prepare), so in training a
-document's first token is predicted right after an eos, and its last prediction is the eos that
-ends it; this measures the same predictions. A model trained with MiniMind's `bos + text + eos`
-framing is measured as it was trained with `prefix_id=tokenizer.bos_id`. A document longer than
-`seq_len` predictions is cut into consecutive windows of `seq_len` predictions, each window
-seeing only its own tokens (as packed training windows do).
+Framing: a document is `[bos] + text + [eos]`, the bos given as context only: our pretraining
+shards frame every document so (minimind.data.prepare, as MiniMind frames a pretraining
+sample), so this measures the predictions training makes. A model trained with another framing
+(e.g. documents separated by one eos) is measured as it was trained with `prefix_id`. A
+document longer than `seq_len` predictions is cut into consecutive windows of `seq_len`
+predictions, each window seeing only its own tokens (as packed training windows do).
 
 Bits per byte = the total NLL in bits over the UTF-8 bytes of the texts (the framing tokens
 count in the NLL, not in the bytes). Unlike perplexity, which is per token, it does not depend on
@@ -50,7 +49,7 @@ def perplexity(
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
-    first = tokenizer.eos_id if prefix_id is None else prefix_id
+    first = tokenizer.bos_id if prefix_id is None else prefix_id
     windows: list[list[int]] = []  # each: seq_len + 1 tokens at most (inputs, then last label)
     n_bytes = 0
     for text in texts:

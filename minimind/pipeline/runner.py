@@ -9,8 +9,10 @@ Contract:
 - A stage's key hashes its recipe fields (recipe.STAGE_FIELDS), the seed and the smoke-run
   limits, and the keys of the stages it depends on; so changing `grpo_lr` reruns GRPO and what
   reads it, and reuses the corpus, the tokenizer, pretraining and SFT.
-- A finished stage whose key is unchanged and whose artifacts still exist is reused: its
-  recorded result is reported again with status "reused".
+- A finished stage whose key is unchanged, whose artifacts still exist and whose upstream
+  stages have not produced new outputs since (each finished stage gets a run id; a stage
+  records the run ids it read) is reused: its recorded result is reported again with status
+  "reused".
 - `--from NAME` reruns NAME and every stage after it, whatever their records say; `--until
   NAME` stops after NAME (the later stages are reported as skipped, their records kept).
 - A stage that started but did not finish (Ctrl-C, SIGKILL, a crash) is run again; training
@@ -26,6 +28,7 @@ import hashlib
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,16 +122,26 @@ class Runner:
                 continue
             stopped = step.name == self.until
             forced = forced or step.name == self.start_from
-            record = self.state["stages"].get(step.name)
-            same = record is not None and record.get("key") == self.keys[step.name]
+            record = self.state["stages"].get(step.name) or {}
+            same = record.get("key") == self.keys[step.name] and record.get(
+                "inputs"
+            ) == self._inputs(step)
             upstream_ok = all(plan[a] == "reuse" for a in step.after)
             if forced or not same or not upstream_ok:
                 plan[step.name] = "run"
+            elif record.get("status") == "started":
+                plan[step.name] = "resume"
             elif record.get("status") == "done" and self._artifacts_exist(record):
                 plan[step.name] = "reuse"
             else:
-                plan[step.name] = "resume"
+                plan[step.name] = "run"
         return plan
+
+    def _inputs(self, step: Step) -> dict[str, str | None]:
+        """The run ids of the upstream results a stage reads (a stage whose upstream stage
+        produced new outputs since is not current, even with an unchanged key)."""
+        stages = self.state["stages"]
+        return {a: stages.get(a, {}).get("run_id") for a in step.after}
 
     def _artifacts_exist(self, record: dict) -> bool:
         artifacts = record.get("result", {}).get("artifacts", {})
@@ -154,7 +167,11 @@ class Runner:
                 if action == "run":
                     for d in step.dirs:
                         shutil.rmtree(self.workdir / d, ignore_errors=True)
-                self.state["stages"][step.name] = {"key": self.keys[step.name], "status": "started"}
+                self.state["stages"][step.name] = {
+                    "key": self.keys[step.name],
+                    "inputs": self._inputs(step),
+                    "status": "started",
+                }
                 self._save()
                 context.resuming = action == "resume"
                 t0 = time.perf_counter()
@@ -163,7 +180,9 @@ class Runner:
                 result.setdefault("status", "done")
                 self.state["stages"][step.name] = {
                     "key": self.keys[step.name],
+                    "inputs": self._inputs(step),
                     "status": "done",
+                    "run_id": uuid.uuid4().hex[:12],
                     "result": result,
                 }
                 self._save()
