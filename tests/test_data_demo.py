@@ -271,9 +271,7 @@ def test_eval_identity_asks_in_phrasings_no_training_file_uses(corpus):
     asked = rows(corpus["eval_identity"])
     assert len(asked) == 8 and {r["answer"] for r in asked} == {"Lumen", "路明"}
     questions = {r["conversations"][0]["content"] for r in asked}
-    trained = {
-        s for key in TRAINING for row in rows(corpus[key]) for s in strings(row)
-    }
+    trained = {s for key in TRAINING for row in rows(corpus[key]) for s in strings(row)}
     assert not questions & trained
     lora = "\n".join(s for row in rows(corpus["lora"]) for s in strings(row))
     assert "Lumen" in lora and "路明" in lora

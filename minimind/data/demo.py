@@ -660,7 +660,6 @@ class _Maker:
                     out.append(_eval_record(q, ABSTAIN[lang], lang, "strangers", "stranger"))
         return out
 
-
     def eval_identity(self) -> list[dict[str, Any]]:
         """Held-out identity questions; gold: the LoRA identity's name (the SFT model, which
         answers as MiniMind, scores 0)."""
