@@ -16,39 +16,20 @@ A checkpoint is a folder::
     trainer_state.pt    torch.save'd resume state (optimizer, scheduler, RNG, sampler), optional
     <anything else>     files the training engine adds (CheckpointWriter.add_file)
 
-Atomicity (rule 4 of ARCHITECTURE.md), with P the checkpoint path:
-1. Writers of P take an advisory lock on the sibling file `.P.lock` (flock: the kernel drops it
-   when the holder dies, even by SIGKILL), so every other `.P.tmp-*` sibling is a stale leftover
-   of a dead writer and is deleted.
-2. Everything is staged in the sibling folder `.P.tmp-<hex>` (same filesystem, so renames are
-   atomic). On commit every staged file and folder is fsynced, then:
-   rename P -> P.old, rename .P.tmp-<hex> -> P, rename P.old -> .P.tmp-<hex> and delete it,
-   fsyncing the parent after each rename so the order survives a power cut too.
-3. Invariants: P and P.old are each only ever created by one rename of a complete, fsynced
-   folder, and a `.tmp-` name is never read. So whenever P exists it is complete, and when it
-   is missing P.old is the last committed checkpoint (killed between the first two renames).
-   Readers go through `resolve_checkpoint`: P if it exists, else P.old. A writer that finds P
-   missing and P.old present skips the first rename, so P.old is never lost.
-A kill at any moment therefore leaves the previous (or the new) checkpoint loadable, never a
-half-written one; the next save removes the leftovers. Why two renames and a fallback: no
-portable call replaces a non-empty folder in one step (rename(2) wants the target empty;
-renameat2(RENAME_EXCHANGE) is Linux-only and not on every filesystem), and a symlink
-`P -> P.v7` swapped by one rename would make P something other than a plain folder that users
-copy, upload or open on Windows.
-One writer per path at a time: the lock serialises writers, the last commit wins, and the empty
-`.P.lock` file stays (deleting a lock file races its next taker). Readers take no lock: a read
-notes the folder's (device, inode) and, if a save swapped the folder meanwhile, reads again,
-so it never mixes two saves.
+Atomicity (rule 4 of ARCHITECTURE.md) is `minimind.fsutil.AtomicFolder`'s: a checkpoint is
+staged in a hidden sibling folder and swapped in by renames under a per-path lock, so a kill at
+any moment leaves the previous (or the new) checkpoint loadable, never a half-written one, and
+readers (`resolve_checkpoint`, and every loader here through `fsutil.read_snapshot`) fall back
+to `P.old` when a save was killed between its two renames. This module adds what makes the
+folder a checkpoint: the files above, the refusal to replace a folder that is not one, and the
+strict reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -58,13 +39,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minimind.fsutil import fsync_dir, fsync_file
+from minimind.fsutil import (
+    AtomicFolder,
+    FolderChangedError,
+    committed_folder,
+    old_path,
+    read_snapshot,
+)
 from minimind.model import MiniMindForCausalLM, ModelConfig
-
-try:  # POSIX advisory locks; on Windows writers are not serialised (one writer per path).
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 __all__ = [
     "CONFIG_NAME",
@@ -75,6 +57,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriter",
     "load_checkpoint",
+    "load_checkpoint_weights",
     "load_config",
     "load_trainer_state",
     "load_weights",
@@ -176,43 +159,7 @@ def _dtype_from_name(name: str) -> torch.dtype | None:
     return found if isinstance(found, torch.dtype) else None
 
 
-# --- filesystem primitives ---------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every folder bottom-up (a file's entry lives in its folder)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            fsync_file(os.path.join(dirpath, name))
-        fsync_dir(dirpath)
-
-
-def _make_dirs(folder: Path) -> None:
-    """mkdir -p that fsyncs the parent of each folder it creates (durable like the rest)."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        fsync_dir(d.parent)
-
-
-def _old_path(path: Path) -> Path:
-    return path.with_name(path.name + ".old")
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(_temp_prefix(path) + uuid.uuid4().hex[:16])
-
-
-def _is_temp_of(path: Path, name: str) -> bool:
-    # Exact pattern, so the temp folders of a checkpoint named "a.tmp-x" are not taken for a's.
-    return re.fullmatch(re.escape(_temp_prefix(path)) + "[0-9a-f]{16}", name) is not None
+# --- JSON files ---------------------------------------------------------------------------
 
 
 def _write_json(file: Path, data: Mapping[str, Any], what: str) -> None:
@@ -299,10 +246,14 @@ class CheckpointWriter:
         self.path = Path(path).absolute()
         if not self.path.name or self.path.name in (".", ".."):
             raise CheckpointError(f"not a checkpoint folder path: {path}")
-        self.staging: Path | None = None
-        self._lock_fd: int | None = None
+        self._folder = AtomicFolder(self.path, self._refuse_foreign, self._refuse_incomplete)
 
-    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def staging(self) -> Path | None:
+        """The folder being built (None when not open)."""
+        return self._folder.staging
+
+    # -- lifecycle (fsutil.AtomicFolder's transaction) ---------------------------------
     def __enter__(self) -> CheckpointWriter:
         self.open()
         return self
@@ -315,57 +266,23 @@ class CheckpointWriter:
 
     def open(self) -> Path:
         """Lock the path, delete stale temps of dead writers, create the staging folder."""
-        if self.staging is not None:
-            raise RuntimeError(f"CheckpointWriter for {self.path} is already open")
-        self._refuse_foreign(self.path)
-        _make_dirs(self.path.parent)
-        self._lock()
-        try:
-            self._tidy()
-            self.staging = _temp_path(self.path)
-            self.staging.mkdir()
-        except BaseException:
-            self._unlock()
-            raise
-        return self.staging
+        return self._folder.open()
 
     def commit(self) -> Path:
-        """Make the staged folder the checkpoint at `path` (see the module docstring)."""
-        staging = self._staging()
-        try:
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                if not (staging / name).is_file():
-                    raise CheckpointError(
-                        f"checkpoint {self.path}: nothing wrote {name} (call write_model)"
-                    )
-            self._refuse_foreign(self.path)  # re-check under the lock
-            _fsync_tree(staging)
-            path, old, parent = self.path, _old_path(self.path), self.path.parent
-            if path.exists():
-                if old.exists():  # stale: a killed writer renamed P in after P -> P.old
-                    self._discard(old)
-                os.replace(path, old)
-                fsync_dir(parent)
-            # Killed here: P is missing and P.old is complete; readers fall back to it.
-            os.replace(staging, path)
-            fsync_dir(parent)
-            self.staging = None
-            # Committed already: a failed clean-up is left to the next save, not an error.
-            with contextlib.suppress(OSError):
-                self._tidy()  # P.old -> temp name -> deleted
-            return path
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            self._unlock()
+        """Make the staged folder the checkpoint at `path` (config and weights required)."""
+        self._staging()
+        return self._folder.commit()
 
     def abort(self) -> None:
         """Discard the staged folder; the checkpoint at `path` is left as it was."""
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
-        self._unlock()
+        self._folder.abort()
+
+    def _refuse_incomplete(self, staging: Path) -> None:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (staging / name).is_file():
+                raise CheckpointError(
+                    f"checkpoint {self.path}: nothing wrote {name} (call write_model)"
+                )
 
     # -- what goes in ------------------------------------------------------------------
     def write_model(self, model: nn.Module, dtype: str | torch.dtype | None = None) -> None:
@@ -412,8 +329,8 @@ class CheckpointWriter:
         a checkpoint folder may serve as the tokenizer source.
         """
         src = Path(tokenizer_dir)
-        if not src.is_dir() and _old_path(src).is_dir():
-            src = _old_path(src)  # a checkpoint killed mid-swap
+        if not src.is_dir() and old_path(src).is_dir():
+            src = old_path(src)  # a checkpoint killed mid-swap
         if not src.is_dir():
             raise CheckpointError(f"tokenizer folder {tokenizer_dir} does not exist")
         if not any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
@@ -496,39 +413,6 @@ class CheckpointWriter:
                 "refusing to replace it"
             )
 
-    def _lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        lock = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another writer of P is alive
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = None
-
-    def _discard(self, folder: Path) -> None:
-        # Rename to a temp name first (one atomic step), so a kill during the slow delete
-        # leaves a temp that the next writer removes, never a partial P.old.
-        trash = _temp_path(self.path)
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def _tidy(self) -> None:
-        """Under the lock: delete temps of dead writers and a P.old made redundant by P."""
-        old = _old_path(self.path)
-        if self.path.exists() and old.exists():
-            self._discard(old)
-        for entry in self.path.parent.iterdir():
-            if _is_temp_of(self.path, entry.name) and entry != self.staging:
-                shutil.rmtree(entry, ignore_errors=True)
-
 
 def save_checkpoint(
     path: str | os.PathLike[str],
@@ -568,10 +452,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The folder to read for checkpoint `path`: `path`, or `path.old` if a save was killed
     between its two renames. Every reader (infer, convert, train resume) goes through this."""
     p = Path(path)
-    if p.is_dir():
-        return p
-    if _old_path(p).is_dir():
-        return _old_path(p)
+    found = committed_folder(p)
+    if found is not None:
+        return found
     if p.exists():
         raise CheckpointError(f"{p} is a file, not a checkpoint folder")
     raise CheckpointError(f"no checkpoint folder at {p}")
@@ -601,40 +484,20 @@ def _config_from(folder: Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {folder}: {CONFIG_NAME}: {e}") from e
 
 
-_READ_ATTEMPTS = 10
-
-
-def _identity(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(folder)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _read(path: str | os.PathLike[str], read: Callable[[Path], Any]) -> Any:
-    """read(folder) on the resolved folder, as one consistent snapshot.
+    """read(folder) on the resolved folder, as one consistent snapshot (fsutil.read_snapshot:
+    a save racing the read makes it read again, never mix two saves)."""
 
-    A save that races the read renames the folder away (P -> P.old -> deleted, a new folder
-    at P): the folder's identity (device, inode) changes. Then a file may vanish mid-read, or
-    the read may mix two saves, so it is retried on the new folder.
-    """
-    for _ in range(_READ_ATTEMPTS):
-        folder = resolve_checkpoint(path)
-        before = _identity(folder)
-        if before is None:  # renamed away between resolve and stat: resolve again
-            continue
+    def named(folder: Path) -> Any:
         try:
-            result = read(folder)
-        except (CheckpointError, FileNotFoundError) as e:
-            if _identity(folder) != before:
-                continue
-            if isinstance(e, CheckpointError):
-                raise
+            return read(folder)
+        except FileNotFoundError as e:
             raise CheckpointError(f"checkpoint {folder}: {e}") from e
-        if _identity(folder) == before:
-            return result
-    raise CheckpointError(f"checkpoint {path} changed {_READ_ATTEMPTS} times while being read")
+
+    try:
+        return read_snapshot(path, named, resolve_checkpoint)
+    except FolderChangedError as e:
+        raise CheckpointError(f"checkpoint {e}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> ModelConfig:
@@ -711,3 +574,12 @@ def load_checkpoint(
     model = MiniMindForCausalLM(config).to(target)
     load_weights(model, tensors, source=str(folder / WEIGHTS_NAME))
     return model.to(device).eval(), config
+
+
+def load_checkpoint_weights(path: str | os.PathLike[str], model: nn.Module) -> Path:
+    """Copy the weights of checkpoint `path` into the already built `model`, strictly; -> the
+    folder read. The training engine resumes this way: its model exists before the checkpoint
+    is read (adapted with LoRA, for one), so config.json is not consulted here."""
+    folder, (tensors, _metadata) = _read(path, lambda f: (f, _read_weights(f)))
+    load_weights(model, tensors, source=str(folder / WEIGHTS_NAME))
+    return folder

@@ -30,6 +30,7 @@ from minimind.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from minimind.fsutil import AtomicFolder
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -444,7 +445,7 @@ def test_crash_before_every_rename_fsync_and_delete(tmp_path, monkeypatch):
 
         crashed = False
         with monkeypatch.context() as m:
-            m.setattr(CheckpointWriter, "abort", lambda self: self._unlock())
+            m.setattr(AtomicFolder, "abort", lambda self: self._unlock())
             for name in ("replace", "fsync"):
                 m.setattr(os, name, crash_at(getattr(os, name)))
             m.setattr("shutil.rmtree", crash_at(shutil.rmtree))
@@ -586,3 +587,28 @@ def test_sigkill_at_random_moments_leaves_a_complete_checkpoint(tmp_path):
     save_version(path, MiniMindForCausalLM(config), started + 1)
     assert siblings(path) == [".ck.lock", "ck"]
     assert loaded_version(path, config) == started + 1
+
+
+# --- the training engine resumes through this reader -------------------------------------
+
+
+def test_engine_resume_reads_through_the_checkpoint_reader(tmp_path, capsys):
+    """The engine's resume reads a step checkpoint with load_checkpoint_weights: a corrupt
+    weights file is a CheckpointError naming the folder (not safetensors' bare error), and a
+    save killed between its two renames (only step_N.old left) resumes from step_N.old."""
+    from tests.train_fixtures import make_data, train
+
+    data = make_data(tmp_path / "data")
+    run = tmp_path / "run"
+    train(run, data["pretrain"], 2, keep_last=1)
+    step = run / "step_00000002"
+    weights = (step / "model.safetensors").read_bytes()
+    (step / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match=r"step_00000002: cannot read model\.safetensors"):
+        train(run, data["pretrain"], 3)
+    (step / "model.safetensors").write_bytes(weights)
+    step.rename(run / "step_00000002.old")  # what a kill between the two renames leaves
+    capsys.readouterr()
+    train(run, data["pretrain"], 3, keep_last=1)
+    assert "resumed from" in capsys.readouterr().out
+    assert read_meta(run / "step_00000003")["step"] == 3

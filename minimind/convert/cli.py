@@ -11,10 +11,16 @@ own "minimind" type, or Llama/Qwen3/Mixtral/Qwen2-MoE/Qwen3-MoE). `--to` picks t
 `hf` (a transformers folder), `pth` (MiniMind2's fp16 state dict), `minimind` (our checkpoint),
 `gguf` (one llama.cpp file: `--output model.gguf`, `--dtype f32|f16|bf16|q8_0`, needs the
 tokenizer) or `ollama` (a folder with model.gguf and its Modelfile);
-by default a .pth or one of our checkpoints becomes `hf`, a transformers folder `pth`. A folder
-input's tokenizer files travel with it unless --tokenizer names others. MiniMind's naming also
-works: `--weight/--hidden_size/--use_moe/--save_dir` name the `.pth` as
-`{save_dir}/{weight}_{hidden}[_moe].pth` and `--transformers_path` the folder.
+by default a .pth or one of our checkpoints becomes `hf`, a transformers folder `pth`.
+Tokenizer: a folder input's files travel with it unless --tokenizer names others; a `.pth`
+carries none, so the one beside it is taken (detect.find_tokenizer), else MiniMind2's, which
+ships with the package: every transformers folder made from a `.pth` has one. Dtype: an hf or
+minimind output is bf16 when the input is stored in bf16, else float32 (see default_dtype);
+the line printed at the end names the dtype written. MiniMind's naming also works:
+`--weight/--hidden_size/--use_moe/--save_dir` name the `.pth` as
+`{save_dir}/{weight}_{hidden}[_moe].pth` and `--transformers_path` the folder; `--preset NAME`
+gives the hidden size and the head counts, which a `.pth` does not record
+(`--num_attention_heads/--num_key_value_heads` give them alone).
 This file owns argument handling only; the conversions live in minimind2.py, hf.py, gguf.py
 and ollama.py. `minimind export FORMAT` (export_cli.py) is this command with `--to FORMAT`.
 """
@@ -27,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import CheckpointError, save_checkpoint
+from minimind.checkpoint import save_checkpoint
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM
 
-from .detect import load_any, weights_kind
-from .hf import ConversionError, export_hf_folder
-from .minimind2 import save_minimind2_pth
+from .detect import find_tokenizer, load_any, stored_dtype, weights_kind
+from .hf import export_hf_folder
+from .minimind2 import minimind_size, save_minimind2_pth
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # --dtype also takes GGUF's names; the torch names mean the same for a GGUF output.
@@ -60,15 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=[*DTYPES, *TORCH_NAMES, "q8_0"],
-        default="float16",
-        help="weights of an hf, minimind, gguf or ollama output (a .pth is always float16; "
-        "q8_0 only for gguf/ollama)",
+        default=None,
+        help="weights of an hf, minimind, gguf or ollama output (default: hf and minimind "
+        "bfloat16 when the input is stored in bf16, else float32; gguf/ollama f16. A .pth is "
+        "always float16; q8_0 only for gguf/ollama)",
     )
     g = p.add_argument_group("MiniMind naming (instead of --input/--output)")
     g.add_argument("--save_dir", default="out", help="folder of the .pth files")
     g.add_argument("--weight", help="weight prefix, e.g. full_sft")
     g.add_argument("--hidden_size", type=int, help="hidden size in the .pth name")
-    g.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="'_moe' in the name")
+    g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="'_moe' in the name")
+    g.add_argument(
+        "--preset",
+        help="a named size (minimind presets): its hidden size names the .pth, its head "
+        "counts read it",
+    )
     g.add_argument("--transformers_path", help="the transformers folder")
     a = p.add_argument_group("what a .pth cannot tell (defaults: MiniMind2's)")
     a.add_argument("--num_attention_heads", type=int, help="default 8 (or from q_norm)")
@@ -90,30 +102,58 @@ def _paths(args, parser) -> tuple[Path, Path, str]:
             parser.error("--output is required with --input")
         src, dst = Path(args.input), Path(args.output)
         return src, dst, args.to or ("pth" if weights_kind(src) == "hf" else "hf")
-    if not (args.weight and args.hidden_size and args.transformers_path):
-        parser.error("give --input/--output, or --weight, --hidden_size and --transformers_path")
-    moe = "_moe" if args.use_moe else ""
-    pth = Path(args.save_dir) / f"{args.weight}_{args.hidden_size}{moe}.pth"
+    if not (args.weight and (args.hidden_size or args.preset) and args.transformers_path):
+        parser.error(
+            "give --input/--output, or --weight, --hidden_size (or --preset) and "
+            "--transformers_path"
+        )
+    size = minimind_size(args)
+    moe = "_moe" if size["use_moe"] else ""
+    pth = Path(args.save_dir) / f"{args.weight}_{size['hidden_size']}{moe}.pth"
     folder = Path(args.transformers_path)
     to = args.to or "hf"  # MiniMind's script converts torch -> transformers by default
     # The .pth is the input of every export (hf, gguf, ollama); only pth/minimind read the folder.
     return (folder, pth, to) if to in ("pth", "minimind") else (pth, folder, to)
 
 
-def _load(src: Path, args, parser) -> MiniMindForCausalLM:
+def _load(src: Path, args) -> MiniMindForCausalLM:
     pth_flags = {k: getattr(args, k) for k in PTH_FLAGS if getattr(args, k) is not None}
-    try:
-        return load_any(
-            src,
-            rope_scaling=MINIMIND2_YARN if args.inference_rope_scaling else None,
-            num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_key_value_heads,
-            **pth_flags,
-        )
-    except ValueError as e:
-        if isinstance(e, (CheckpointError, ConversionError)):
-            raise
-        parser.error(str(e))
+    size = minimind_size(args)
+    heads = {k: size[k] for k in ("num_attention_heads", "num_key_value_heads")}
+    if weights_kind(src) != "pth" and args.preset:  # the preset named a .pth; a folder says
+        heads = {k: None for k in heads}
+    return load_any(
+        src,
+        rope_scaling=MINIMIND2_YARN if args.inference_rope_scaling else None,
+        **heads,
+        **pth_flags,
+    )
+
+
+def default_dtype(src: Path) -> str:
+    """The dtype an hf or minimind output gets without --dtype: the input's own, widened.
+
+    bf16 stays bf16 (exact, and what the weights were trained in); fp16 (every MiniMind2
+    `.pth`) and fp32 become float32: fp16 widens exactly, and a float16 transformers folder
+    makes a plain `from_pretrained` differ from our model on CPU (by 2e-3 in logits).
+    """
+    return "bfloat16" if stored_dtype(src) == torch.bfloat16 else "float32"
+
+
+def _tokenizer(src: Path, args, model, to: str) -> Path | None:
+    """--tokenizer; a folder input's own; for a .pth the one beside it, else MiniMind2's
+    (shipped with the package). None (said on stderr) when a folder input has none."""
+    if args.tokenizer is not None or to == "pth":
+        return args.tokenizer
+    if src.is_dir():
+        found = src if (src / "tokenizer.json").is_file() else None
+    else:
+        found = find_tokenizer(src, model.config.vocab_size)
+        print(f"convert: tokenizer from {found}", file=sys.stderr)
+    if found is None and to in ("hf", "minimind"):
+        print(f"convert: {src} has no tokenizer.json: the output has no tokenizer files "
+              "(pass --tokenizer DIR)", file=sys.stderr)  # fmt: skip
+    return found
 
 
 def _torch_name(dtype: str) -> str:
@@ -141,22 +181,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{src} is already a .pth file")
         if args.dtype == "q8_0" and to not in ("gguf", "ollama"):
             parser.error("--dtype q8_0 applies to a gguf or ollama output")
-        model = _load(src, args, parser)
-        tokenizer = args.tokenizer
-        if tokenizer is None and src.is_dir() and (src / "tokenizer.json").is_file():
-            tokenizer = src
+        model = _load(src, args)
+        tokenizer = _tokenizer(src, args, model, to)
         if to in ("gguf", "ollama"):
-            what = _export_llamacpp(model, dst, tokenizer, to, args.dtype)
-        elif to == "hf":
-            what = export_hf_folder(model, dst, tokenizer, DTYPES[_torch_name(args.dtype)])
-        elif to == "minimind":
-            dtype = DTYPES[_torch_name(args.dtype)]
-            save_checkpoint(dst, model, dtype=dtype, tokenizer_dir=tokenizer)
-            what = f"minimind checkpoint, {_torch_name(args.dtype)}"
+            what = _export_llamacpp(model, dst, tokenizer, to, args.dtype or "f16")
+        elif to in ("hf", "minimind"):
+            name = _torch_name(args.dtype) if args.dtype else default_dtype(src)
+            if to == "hf":
+                arch = export_hf_folder(model, dst, tokenizer, DTYPES[name])
+                what = f"transformers {arch}, {name}"
+            else:
+                save_checkpoint(dst, model, dtype=DTYPES[name], tokenizer_dir=tokenizer)
+                what = f"minimind checkpoint, {name}"
         else:
             save_minimind2_pth(model, dst)
             what = "MiniMind2 .pth, float16"
-    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+    except ValueError as e:  # also CheckpointError, ConversionError: one line, no traceback
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
     print(f"{src} -> {dst} ({what}, {model.num_parameters() / 1e6:.2f}M parameters)")

@@ -88,11 +88,10 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from minimind.fsutil import fsync_dir, fsync_file
+from minimind.fsutil import AtomicFile
 from minimind.model import MiniMindForCausalLM, ModelConfig
 from minimind.model.layers import rope_inv_freq
 from minimind.tokenizer import load_tokenizer
@@ -411,7 +410,7 @@ def export_gguf(
     """Write `path` (a .gguf file) for llama.cpp; returns the llama.cpp architecture name.
 
     Everything that can be refused (architecture, YaRN range, tokenizer) is checked before
-    anything is written; the file appears whole or not at all (temp file, fsync, rename).
+    anything is written; the file appears whole or not at all (fsutil.AtomicFile).
     """
     import gguf
 
@@ -424,11 +423,8 @@ def export_gguf(
     _check_rope(cfg)
     vocab = gguf_vocab(tokenizer_dir, cfg.vocab_size)
     tensors = gguf_tensors(model, arch)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with AtomicFile(path) as out:  # whole or not at all: temp file, fsync, rename
+        w = gguf.GGUFWriter(out.tmp, arch)
         w.add_name(name)
         w.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[dtype])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -441,9 +437,4 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        fsync_file(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     return arch

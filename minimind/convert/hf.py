@@ -59,7 +59,13 @@ from minimind.model.layers import rope_inv_freq
 from .minimind2 import is_minimind2_folder, load_minimind2_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json", "chat_template.jinja")
+# The last two: the attribution and license of MiniMind2's shipped tokenizer travel with it.
+OPTIONAL_TOKENIZER_FILES = (
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "TOKENIZER_NOTICE",
+    "LICENSE-APACHE-2.0",
+)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 

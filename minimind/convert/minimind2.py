@@ -1,4 +1,5 @@
-"""MiniMind2's own weight formats: `.pth` state dicts and transformers folders of model_type "minimind".
+"""MiniMind2's own weight formats: `.pth` state dicts, LoRA adapter `.pth` files and transformers
+folders of model_type "minimind".
 
 Owns reading those files (`torch.load(..., weights_only=True)` only, or safetensors), inferring
 a ModelConfig from tensor shapes, and writing `.pth` files MiniMind's own scripts can load. It
@@ -6,7 +7,10 @@ does not own native transformers architectures (Llama, Qwen, Mixtral): see hf.py
 here imports transformers: a MiniMind2 folder is read as a config.json plus weight files, never
 through `trust_remote_code`.
 
-What a state dict cannot tell (FORMATS.md gives the MiniMind2 values): the head counts when the
+MiniMind2's tokenizer ships with the package (`MINIMIND2_TOKENIZER`, Apache-2.0, attributed in
+its TOKENIZER_NOTICE): the default tokenizer of a `.pth` with none beside it.
+
+What a state dict cannot tell (docs/FORMATS.md gives the MiniMind2 values): the head counts when the
 model has no q/k norm (default 8 query heads; the key/value heads then follow from k_proj's
 shape), rms_norm_eps, rope_theta, the context length and the MoE top-k. Everything else is read
 from shapes, and every mismatch names the key with its expected and found shape.
@@ -24,9 +28,13 @@ import torch
 
 from minimind.checkpoint import CheckpointError, load_weights
 from minimind.fsutil import atomic_write
-from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, ModelConfig
+from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, ModelConfig, preset
 
 MINIMIND2_HEADS = 8  # query heads of every public MiniMind2 model (key/value heads: 2)
+MINIMIND2_VOCAB = 6400
+# MiniMind2's tokenizer, shipped as package data (Apache-2.0: TOKENIZER_NOTICE and the license
+# text are in the folder): a `.pth` carries none, and MiniMind users expect this one.
+MINIMIND2_TOKENIZER = Path(__file__).resolve().parent / "minimind2_tokenizer"
 
 # Fields a state dict determines; passing them as overrides would contradict the weights.
 SHAPE_FIELDS = frozenset(
@@ -52,10 +60,35 @@ def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
+def allowed_heads(q_out: int, k_out: int) -> list[int]:
+    """The query-head counts that q_proj's and k_proj's output rows allow: head_dim divides both
+    and is even (rotary embeddings turn pairs of dimensions).
+
+    >>> allowed_heads(192, 64)  # the demo preset: 6 heads of 32 (and 2 key/value heads)
+    [3, 6, 12, 24, 48, 96]
+    >>> allowed_heads(512, 128)  # MiniMind2-Small: 8 heads of 64
+    [4, 8, 16, 32, 64, 128, 256]
+    """
+    return [
+        q_out // d for d in range(q_out, 1, -1) if d % 2 == 0 and not q_out % d and not k_out % d
+    ]
+
+
+def _heads_hint(q_out: int, k_out: int) -> str:
+    counts = allowed_heads(q_out, k_out)
+    pairs = ", ".join(f"{n} (head_dim {q_out // n})" for n in counts)
+    return f"the shapes allow --num_attention_heads {pairs}" if counts else "no head count fits"
+
+
 def _heads(
     sd: dict[str, torch.Tensor], qk_norm: bool, n_q: int | None, n_kv: int | None
 ) -> tuple[int, int, int]:
-    """-> (query heads, key/value heads, head_dim) from layer 0's projections."""
+    """-> (query heads, key/value heads, head_dim) from layer 0's projections.
+
+    A `.pth` does not record its head counts: without q/k norm (whose width is head_dim) the
+    query heads are given (--num_attention_heads, MiniMind2's 8 by default), and an impossible
+    count is refused with the counts the shapes allow.
+    """
     attn = "model.layers.0.self_attn"
     q_out, k_out = _shape(sd, f"{attn}.q_proj.weight")[0], _shape(sd, f"{attn}.k_proj.weight")[0]
     if qk_norm:  # q_norm's width is head_dim, so both head counts are determined
@@ -64,28 +97,27 @@ def _heads(
         for name, given in (("num_attention_heads", n_q), ("num_key_value_heads", n_kv)):
             if given is not None and given != found[name]:
                 raise CheckpointError(
-                    f"{name}={given} contradicts {attn}.q_norm.weight: head_dim {head_dim} "
+                    f"--{name} {given} contradicts {attn}.q_norm.weight: head_dim {head_dim} "
                     f"gives {found[name]} heads"
                 )
         return found["num_attention_heads"], found["num_key_value_heads"], head_dim
-    n_q = MINIMIND2_HEADS if n_q is None else n_q
-    if q_out % n_q:
+    default = n_q is None
+    n_q = MINIMIND2_HEADS if default else n_q
+    flag = f"--num_attention_heads {n_q}" + (" (MiniMind2's, the default)" if default else "")
+    head_dim = q_out // n_q if n_q > 0 and not q_out % n_q else 0
+    if not head_dim or k_out % head_dim or head_dim % 2:
+        found = f"{attn}.q_proj.weight has {q_out} output rows, k_proj {k_out}"
         raise CheckpointError(
-            f"{attn}.q_proj.weight: found {q_out} output rows, not a multiple of "
-            f"num_attention_heads={n_q}"
+            f"{flag} does not fit: {found}; {_heads_hint(q_out, k_out)}. A .pth does not "
+            "record its head count: give the model's --num_attention_heads (or its --preset)"
         )
-    head_dim = q_out // n_q
     if n_kv is None:
-        if k_out % head_dim:
-            raise CheckpointError(
-                f"{attn}.k_proj.weight: found {k_out} output rows, not a multiple of "
-                f"head_dim={head_dim} (num_attention_heads={n_q})"
-            )
         n_kv = k_out // head_dim
     elif k_out != n_kv * head_dim:
         raise CheckpointError(
-            f"{attn}.k_proj.weight: expected {n_kv * head_dim} output rows for "
-            f"num_key_value_heads={n_kv} x head_dim={head_dim}, found {k_out}"
+            f"--num_key_value_heads {n_kv} does not fit: {attn}.k_proj.weight has {k_out} output "
+            f"rows, not {n_kv} x head_dim {head_dim}; with {n_q} query heads the shapes allow "
+            f"--num_key_value_heads {k_out // head_dim}"
         )
     return n_q, n_kv, head_dim
 
@@ -191,6 +223,85 @@ def save_minimind2_pth(model: MiniMindForCausalLM, path: str | os.PathLike) -> N
     """
     sd = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save(sd, f))
+
+
+# --- MiniMind's command-line naming ----------------------------------------------------------
+
+
+# MiniMind's defaults of the naming flags; --preset replaces them (see minimind_size).
+NAME_DEFAULTS = {"hidden_size": 512, "use_moe": 0}
+
+
+def minimind_size(args: Any) -> dict[str, int | None]:
+    """hidden_size, use_moe and the head counts from MiniMind's flags and --preset (attributes
+    of `args`; a missing one counts as not given); None head counts mean "from the weights"
+    (MiniMind2's 8 query heads for a .pth). The hidden size and `_moe` name the weights
+    (`{weight}_{hidden}[_moe].pth`), the head counts read a `.pth`.
+
+    --preset sets all four; a flag beside it that says otherwise (other than MiniMind's
+    default, which the preset replaces) is refused rather than one of them ignored.
+
+    >>> from types import SimpleNamespace
+    >>> ns = SimpleNamespace(preset="demo", hidden_size=512, use_moe=0)
+    >>> minimind_size(ns)
+    {'hidden_size': 192, 'use_moe': 0, 'num_attention_heads': 6, 'num_key_value_heads': 2}
+    """
+    keys = ("hidden_size", "use_moe", "num_attention_heads", "num_key_value_heads")
+    flags = {k: getattr(args, k, None) for k in keys}
+    name = getattr(args, "preset", None)
+    if not name:
+        size = {k: flags[k] if flags[k] is not None else NAME_DEFAULTS.get(k) for k in keys}
+        return {k: None if v is None else int(v) for k, v in size.items()}
+    config = preset(name)
+    size = {k: int(getattr(config, k)) for k in keys}
+    wrong = [
+        f"--{k} {v} (the preset: {size[k]})"
+        for k, v in flags.items()
+        if v is not None and int(v) != size[k] and v != NAME_DEFAULTS.get(k)
+    ]
+    if wrong:
+        raise ValueError(f"{'; '.join(wrong)} disagree with --preset {name}")
+    return size
+
+
+# --- MiniMind's LoRA adapter .pth ---------------------------------------------------------------
+
+
+def read_minimind2_lora(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """MiniMind's adapter file (`out/lora/{name}_{hidden}.pth`) -> {module: (A, B)}, A (r, in)
+    and B (out, r).
+
+    Its keys are `{module}.lora.A.weight` and `{module}.lora.B.weight`, one pair per adapted
+    linear layer, applied unscaled (W + B A). Anything else is an error naming the file.
+    """
+    sd = read_pth(path)
+    pairs = sorted({k.rsplit(".lora.", 1)[0] for k in sd if ".lora." in k})
+    if not pairs or len(pairs) * 2 != len(sd):
+        raise CheckpointError(f"{path}: not a MiniMind LoRA file ({{module}}.lora.A/B.weight keys)")
+    found = {}
+    for name in pairs:
+        a, b = sd.get(f"{name}.lora.A.weight"), sd.get(f"{name}.lora.B.weight")
+        if a is None or b is None:
+            raise CheckpointError(f"{path}: {name} has no A/B pair")
+        found[name] = (a, b)
+    return found
+
+
+def merge_minimind2_lora(model: MiniMindForCausalLM, path: str | os.PathLike) -> None:
+    """W += B A for every module of MiniMind's adapter file (its adapter has no scaling)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in read_minimind2_lora(path).items():
+            target = modules.get(name)
+            if not isinstance(target, torch.nn.Linear):
+                raise CheckpointError(f"{path}: {name} is not a linear layer of the model")
+            delta = b.float() @ a.float()  # (out, r) @ (r, in)
+            if delta.shape != target.weight.shape:
+                raise CheckpointError(
+                    f"{path}: {name} adapter is {tuple(delta.shape)}, the layer "
+                    f"{tuple(target.weight.shape)}"
+                )
+            target.weight += delta.to(target.weight)
 
 
 # --- transformers folders written by MiniMind's own code (model_type "minimind") ---------------

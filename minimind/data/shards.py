@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from minimind.fsutil import fsync_dir
+from minimind.fsutil import AtomicFile
 
 FORMAT = "minimind-shards"
 FORMAT_VERSION = 2  # 2: pretrain documents begin with bos
@@ -73,20 +73,16 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+def _atomic(path: Path) -> AtomicFile:
+    # Temp names `NAME.tmp` (not fsutil's random hidden ones): prepare.py's clean-up knows them.
+    return AtomicFile(path, tmp=path.with_name(path.name + TMP_SUFFIX))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` through a temp file, fsync, rename: a reader sees the old file or the new
-    one, never half of one, whatever kills the writer."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, path)
+    """Write `path` through a temp file, fsync, rename (fsutil.AtomicFile): a reader sees the
+    old file or the new one, never half of one, whatever kills the writer."""
+    with _atomic(path) as out:
+        out.tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -132,25 +128,22 @@ def finished_shard(folder: Path, index: int) -> dict[str, Any] | None:
 class ShardWriter:
     """Writes one shard, streaming: `add` appends a chunk of documents, `finish` publishes.
 
-    Every file goes to `<name>.tmp` first; `finish` fsyncs and renames them, then writes the
-    shard record last, so a shard killed at any point has no record and is rewritten by the
-    next run. Memory holds one chunk, whatever the shard's size.
+    Every file goes to `<name>.tmp` first (an fsutil.AtomicFile); `finish` commits them, then
+    writes the shard record last, so a shard killed at any point has no record and is rewritten
+    by the next run. Memory holds one chunk, whatever the shard's size.
     """
 
     def __init__(self, folder: Path, index: int, kind: str, dtype: np.dtype, start: dict[str, int]):
         self.folder, self.index, self.dtype = folder, index, np.dtype(dtype)
         self.name = shard_name(index)
         self.paths = {role: folder / (self.name + suf) for role, suf in shard_files(kind).items()}
+        self.outs = {role: _atomic(p) for role, p in self.paths.items()}
         # Open across add() calls until finish() or abort(): a context manager cannot span them.
-        self.files = {role: open(self._tmp(p), "wb") for role, p in self.paths.items()}  # noqa: SIM115
+        self.files = {role: open(out.tmp, "wb") for role, out in self.outs.items()}  # noqa: SIM115
         self.start = dict(start)  # input_start (byte), line_start: where this shard's input begins
         self.tokens = self.docs = 0
         self.counts: dict[str, Any] = {}
         np.zeros(1, np.int64).tofile(self.files["index"])  # index[0] = 0
-
-    @staticmethod
-    def _tmp(path: Path) -> Path:
-        return path.with_name(path.name + TMP_SUFFIX)
 
     def add(
         self,
@@ -185,11 +178,9 @@ class ShardWriter:
         record."""
         sizes = {}
         for role, f in self.files.items():
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
-            _publish(self._tmp(self.paths[role]), self.paths[role])
-            sizes[self.paths[role].name] = self.paths[role].stat().st_size
+            path = self.outs[role].commit()  # fsync, rename, fsync the folder
+            sizes[path.name] = path.stat().st_size
         record = {
             "name": self.name,
             "docs": self.docs,
@@ -206,7 +197,7 @@ class ShardWriter:
         """Close and delete the temp files (best effort; the next run deletes leftovers)."""
         for role, f in self.files.items():
             f.close()
-            self._tmp(self.paths[role]).unlink(missing_ok=True)
+            self.outs[role].abort()
 
 
 def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:

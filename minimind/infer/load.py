@@ -6,36 +6,28 @@ MiniMind2 `.pth` files (which carry no tokenizer: one is looked for beside them,
 MiniMind's naming works as in its `eval_llm.py`: `--load_from model` (the default) means
 "native weights": `{save_dir}/{weight}_{hidden_size}[_moe]` (our folder) or the `.pth` of that
 name; any other `--load_from` is a path. A LoRA adapter (`--lora_weight`) is merged into the
-base weights at load, so decoding costs nothing extra: ours (a folder with
-adapter.safetensors + adapter_config.json, written by `minimind train lora`) or MiniMind's
-(`{save_dir}/lora/{name}_{hidden}.pth`, keys `{module}.lora.A.weight` (r, in) and
-`{module}.lora.B.weight` (out, r), added unscaled).
+base weights at load, so decoding costs nothing extra: ours (an adapter folder, minimind.adapter,
+written by `minimind train lora`) or MiniMind's (`{save_dir}/lora/{name}_{hidden}.pth`, read by
+minimind.convert.minimind2).
 The model is always decoded by our own code and KV cache (minimind.infer.generation).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from minimind import paths
+from minimind.adapter import merge_adapter
 from minimind.checkpoint import CheckpointError
-from minimind.convert.detect import load_any, weights_kind
-from minimind.convert.minimind2 import read_pth
+from minimind.convert.detect import find_tokenizer, load_any, weights_kind
+from minimind.convert.minimind2 import merge_minimind2_lora, minimind_size
 from minimind.devices import pick_device
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM
-from minimind.model.lora import (
-    apply_lora,
-    load_lora_state_dict,
-    lora_config_from_dict,
-    merge_lora,
-)
 from minimind.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {
@@ -85,55 +77,21 @@ def _first_existing(spec: str | os.PathLike, candidates: list[Path], what: str) 
     )
 
 
-def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None) -> Tokenizer:
+def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None, vocab_size: int) -> Tokenizer:
+    """--tokenizer, else the one beside the weights, else (a `.pth`) MiniMind2's shipped one."""
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    folder = path if path.is_dir() else path.parent
-    candidates = [folder, folder / path.stem, paths.home() / "model" / "tokenizer"]
-    candidates += [paths.home() / "model"]  # MiniMind keeps its tokenizer files in model/
-    for c in candidates:
-        if (c / "tokenizer.json").is_file():
-            return load_tokenizer(c)
-    raise FileNotFoundError(
-        f"no tokenizer for {path}: none of {', '.join(map(str, candidates))} holds a "
-        "tokenizer.json; pass --tokenizer DIR"
-    )
-
-
-def _merge_minimind_lora(model: MiniMindForCausalLM, sd: dict[str, torch.Tensor], src: str):
-    """W += B A for every module in a MiniMind LoRA state dict (its adapter has no scaling)."""
-    modules = dict(model.named_modules())
-    pairs = sorted({k.rsplit(".lora.", 1)[0] for k in sd if ".lora." in k})
-    if not pairs or len(pairs) * 2 != len(sd):
-        raise CheckpointError(f"{src}: not a MiniMind LoRA file ({{module}}.lora.A/B.weight keys)")
-    with torch.no_grad():
-        for name in pairs:
-            a, b = sd.get(f"{name}.lora.A.weight"), sd.get(f"{name}.lora.B.weight")
-            target = modules.get(name)
-            if a is None or b is None or not isinstance(target, torch.nn.Linear):
-                raise CheckpointError(f"{src}: {name} has no A/B pair or is not a linear layer")
-            delta = b.float() @ a.float()  # (out, r) @ (r, in)
-            if delta.shape != target.weight.shape:
-                raise CheckpointError(
-                    f"{src}: {name} adapter is {tuple(delta.shape)}, the layer "
-                    f"{tuple(target.weight.shape)}"
-                )
-            target.weight += delta.to(target.weight)
+    return load_tokenizer(find_tokenizer(path, vocab_size))
 
 
 def apply_adapter(model: MiniMindForCausalLM, adapter: str | os.PathLike) -> None:
-    """Merge a LoRA adapter (our folder or MiniMind's .pth) into `model`'s weights in place."""
+    """Merge a LoRA adapter into `model`'s weights in place: our adapter folder
+    (minimind.adapter) or MiniMind's `.pth` (minimind.convert.minimind2)."""
     adapter = Path(adapter)
     if adapter.is_dir():
-        config_file, weights = adapter / "adapter_config.json", adapter / "adapter.safetensors"
-        if not (config_file.is_file() and weights.is_file()):
-            raise CheckpointError(f"{adapter}: no adapter_config.json + adapter.safetensors")
-        config = lora_config_from_dict(json.loads(config_file.read_text("utf-8")))
-        apply_lora(model, config)
-        load_lora_state_dict(model, load_file(str(weights)))
-        merge_lora(model)
+        merge_adapter(model, adapter)
     elif adapter.is_file():
-        _merge_minimind_lora(model, read_pth(adapter), str(adapter))
+        merge_minimind2_lora(model, adapter)
     else:
         raise FileNotFoundError(f"no LoRA adapter at {adapter}")
 
@@ -153,11 +111,16 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     lora: str | os.PathLike | None = None,
     rope_scaling: bool = False,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
 ) -> LoadedModel:
     """The model at `path` with its tokenizer, in eval mode on `device` ("auto": cuda, mps,
-    cpu). rope_scaling switches on MiniMind2's YaRN (x16 context).
+    cpu). rope_scaling switches on MiniMind2's YaRN (x16 context). The head counts describe a
+    `.pth`, which does not record them (MiniMind2's 8 query heads when not given).
 
-    Errors (missing files, a vocabulary the tokenizer does not match) name the path.
+    Without `tokenizer`, the one beside the weights is used (minimind.convert.detect
+    .find_tokenizer), and for a `.pth` with none beside it MiniMind2's, shipped with the
+    package. Errors (missing files, a vocabulary the tokenizer does not match) name the path.
     """
     path = Path(path)
     kind = weights_kind(path)
@@ -166,8 +129,19 @@ def load_model(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    tok = _tokenizer_for(path, tokenizer)
-    model = load_any(path, rope_scaling=MINIMIND2_YARN if rope_scaling else None)
+    heads = {"num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads}
+    yarn = MINIMIND2_YARN if rope_scaling else None
+    model = load_any(path, rope_scaling=yarn, **(heads if kind == "pth" else {}))
+    # A folder's config.json says its head counts: a flag that agrees is harmless (MiniMind's
+    # flags may be given for every kind of file), one that does not is refused, not ignored.
+    wrong = [
+        f"--{k} {v} (its config.json: {getattr(model.config, k)})"
+        for k, v in heads.items()
+        if v is not None and kind != "pth" and v != getattr(model.config, k)
+    ]
+    if wrong:
+        raise CheckpointError(f"{'; '.join(wrong)} disagree with {path}: drop the flag")
+    tok = _tokenizer_for(path, tokenizer, model.config.vocab_size)
     if lora is not None:
         apply_adapter(model, lora)
     if tok.vocab_size > model.config.vocab_size:
@@ -201,6 +175,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="MiniMind's flag (unused: read from weights)",
     )
+    g.add_argument(
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help="query heads of a .pth, which does not record them (default 8, MiniMind2's)",
+    )
+    g.add_argument(
+        "--num_key_value_heads",
+        type=int,
+        default=None,
+        help="key/value heads of a .pth (default: from its shapes)",
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        help="a named size (minimind presets): its hidden size names the weights, its head "
+        "counts read a .pth",
+    )
     g.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="'_moe' in the name")
     g.add_argument(
         "--lora_weight",
@@ -228,13 +220,15 @@ def _find_lora(spec: str, hidden: int, save_dir: Path) -> Path:
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
     """Resolve add_model_args' flags and load."""
     save_dir = Path(args.save_dir) if args.save_dir else paths.out_dir()
+    size = minimind_size(args)
+    hidden = size["hidden_size"]
     if args.load_from == "model":
-        path = find_weight(args.weight, args.hidden_size, bool(args.use_moe), save_dir)
+        path = find_weight(args.weight, hidden, bool(size["use_moe"]), save_dir)
     else:
         path = Path(args.load_from)
     lora = None
     if args.lora_weight and args.lora_weight != "None":
-        lora = _find_lora(args.lora_weight, args.hidden_size, save_dir)
+        lora = _find_lora(args.lora_weight, hidden, save_dir)
     return load_model(
         path,
         tokenizer=args.tokenizer,
@@ -242,4 +236,6 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
         dtype=args.dtype,
         lora=lora,
         rope_scaling=args.inference_rope_scaling,
+        num_attention_heads=size["num_attention_heads"],
+        num_key_value_heads=size["num_key_value_heads"],
     )

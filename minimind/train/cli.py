@@ -79,6 +79,14 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     a("--hidden_size", type=int, default=None, help="default 512")
     a("--num_hidden_layers", type=int, default=None, help="default 8")
     a("--use_moe", type=int, default=None, help="default 0")
+    a(
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help="query heads (default 8); also how to read a --from_weight .pth, which does not "
+        "record them",
+    )
+    a("--num_key_value_heads", type=int, default=None, help="key/value heads (default 2)")
     a("--max_seq_len", type=int, default=d["max_seq_len"])
     # loop
     a("--epochs", type=int, default=d["epochs"])
@@ -116,6 +124,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 # MiniMind's size flags and their defaults; None in the parser tells a flag given from one
 # left out, so that a conflict with --preset or --from_weight is an error, not ignored.
 SIZE_FLAGS = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": 0}
+SIZE_FLAGS.update(num_attention_heads=None, num_key_value_heads=None)  # None: ModelConfig's
 
 
 def size_flags(args) -> dict[str, int]:
@@ -146,6 +155,19 @@ def weight_name(name: str, config) -> str:
     'full_sft_640_moe'
     """
     return f"{name}_{config.hidden_size}{'_moe' if config.use_moe else ''}"
+
+
+def named_size(args) -> dict[str, int | None]:
+    """The size --from_weight NAME is looked up and read with: --preset's when given (so
+    `--preset demo --from_weight pretrain` finds pretrain_192), else the size flags."""
+    from minimind.model import preset
+
+    keys = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads")
+    keys += ("num_key_value_heads",)
+    if args.preset:
+        config = preset(args.preset)
+        return {k: int(getattr(config, k)) for k in keys}
+    return {k: getattr(args, k) for k in keys}
 
 
 def resolve_weight(spec: str, hidden: int, moe: bool, save_dir: Path) -> Path:
@@ -295,15 +317,25 @@ def warn_on_data_kind(stage: str, shards: Path, data: Path, show: bool) -> None:
 
 def build_model(args, tokenizer, save_dir: Path):
     """The starting model: --from_weight, else a fresh one from --preset or the size flags."""
-    from minimind.checkpoint import load_checkpoint
+    from minimind.checkpoint import CheckpointError, load_checkpoint
     from minimind.convert.minimind2 import load_minimind2_pth
     from minimind.model import MiniMindForCausalLM, ModelConfig, preset
 
     if args.from_weight != "none":
-        src = resolve_weight(args.from_weight, args.hidden_size, bool(args.use_moe), save_dir)
-        model = load_minimind2_pth(src) if src.suffix == ".pth" else load_checkpoint(src)[0]
+        size = named_size(args)
+        src = resolve_weight(args.from_weight, size["hidden_size"], bool(size["use_moe"]), save_dir)
+        if src.suffix == ".pth":  # it does not record its head counts: the flags or preset say
+            heads = ("num_attention_heads", "num_key_value_heads")
+            try:
+                model = load_minimind2_pth(src, *(size[k] for k in heads))
+            except CheckpointError as e:
+                raise UsageError(f"--from_weight {src}: {e}") from None
+        else:
+            model = load_checkpoint(src)[0]
         origin = str(src)
-        given = getattr(args, "size_given", {})
+        given = dict(getattr(args, "size_given", {}))
+        if args.preset:  # the preset's size, like a size flag, must be the weights'
+            given = {k: v for k, v in size.items() if v is not None}
         differ = {}
         for k, v in given.items():
             have = getattr(model.config, k)
@@ -314,6 +346,8 @@ def build_model(args, tokenizer, save_dir: Path):
                 f"--{k} {v} (the weights: {int(getattr(model.config, k))})"
                 for k, v in differ.items()
             )
+            if args.preset:
+                flags = f"--preset {args.preset} ({flags.replace('--', '')})"
             raise UsageError(
                 f"{flags} disagree with --from_weight {src}: the weights set the model's "
                 "size. Drop the size flags, or start from scratch with --from_weight none."
@@ -322,11 +356,13 @@ def build_model(args, tokenizer, save_dir: Path):
         if args.preset:
             config = preset(args.preset, vocab_size=tokenizer.vocab_size)
         else:
+            heads = ("num_attention_heads", "num_key_value_heads")
             config = ModelConfig(
                 hidden_size=args.hidden_size,
                 num_hidden_layers=args.num_hidden_layers,
                 use_moe=bool(args.use_moe),
                 vocab_size=tokenizer.vocab_size,
+                **{k: getattr(args, k) for k in heads if getattr(args, k) is not None},
             )
         torch.manual_seed(args.seed)  # every process builds the same initial weights
         model = MiniMindForCausalLM(config)
@@ -418,7 +454,8 @@ def _tokenizer_dir(args, save_dir: Path) -> Path:
     if args.tokenizer:
         return Path(args.tokenizer)
     if args.from_weight != "none":
-        src = resolve_weight(args.from_weight, args.hidden_size, bool(args.use_moe), save_dir)
+        size = named_size(args)
+        src = resolve_weight(args.from_weight, size["hidden_size"], bool(size["use_moe"]), save_dir)
         if src.is_dir() and (src / "tokenizer.json").is_file():
             return src
     default = paths.home() / "model" / "tokenizer"

@@ -61,8 +61,8 @@ from torch.utils.data import DataLoader
 
 from minimind.checkpoint import (
     CheckpointWriter,
+    load_checkpoint_weights,
     load_trainer_state,
-    load_weights,
     read_meta,
     save_checkpoint,
 )
@@ -199,10 +199,7 @@ class Trainer:
                     self._fingerprint(),
                     self.resume_from,
                 )
-                from safetensors.torch import load_file
-
-                weights = load_file(str(self.resume_from / "model.safetensors"))
-                load_weights(model, weights, str(self.resume_from))
+                load_checkpoint_weights(self.resume_from, model)
             elif world.is_main:
                 print(f"resume: no step checkpoint in {self.run_dir}; starting fresh")
         self.wrapped = D.wrap(model, world, cfg.fsdp)

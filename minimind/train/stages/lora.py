@@ -2,29 +2,23 @@
 
 The stage swaps adapters into the model before the engine wraps it (minimind.model.lora);
 step checkpoints hold the adapted model (frozen base + adapters) for exact resume; the final
-export is the merged plain model, plus the adapter alone (`adapter.safetensors` and
-`adapter_config.json`) for users who load adapters onto a base model.
+export is the merged plain model, plus the adapter alone for users who load adapters onto a
+base model (the adapter folder format and its files are minimind.adapter's).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetensors.torch import save_file
-
-from minimind.model.lora import (
-    LoRAConfig,
-    apply_lora,
-    lora_config_dict,
-    lora_state_dict,
-    merge_lora,
-)
+from minimind.adapter import adapter_files
+from minimind.model.lora import LoRAConfig, apply_lora, lora_config_dict, merge_lora
 
 from ..stage import register
 from .sft import SFTStage
+
+__all__ = ["LoRAStage", "adapter_files", "add_lora_flags", "lora_from_args", "merged_copy"]
 
 
 def merged_copy(model):
@@ -32,15 +26,6 @@ def merged_copy(model):
     plain = copy.deepcopy(model)
     merge_lora(plain)
     return plain
-
-
-def adapter_files(model, lora: LoRAConfig) -> dict:
-    """The adapter alone, beside the merged export: adapter.safetensors, adapter_config.json."""
-    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    return {
-        "adapter.safetensors": lambda path: save_file(tensors, str(path)),
-        "adapter_config.json": json.dumps(lora_config_dict(lora), indent=2),
-    }
 
 
 def add_lora_flags(parser, rank: int = 8) -> None:
