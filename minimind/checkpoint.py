@@ -16,11 +16,11 @@ A checkpoint is a folder::
     trainer_state.pt    torch.save'd resume state (optimizer, scheduler, RNG, sampler), optional
     <anything else>     files the training engine adds (CheckpointWriter.add_file)
 
-Atomicity (rule 4 of ARCHITECTURE.md) is `minimind.fsutil.AtomicFolder`'s: a checkpoint is
-staged in a hidden sibling folder and swapped in by renames under a per-path lock, so a kill at
-any moment leaves the previous (or the new) checkpoint loadable, never a half-written one, and
-readers (`resolve_checkpoint`, and every loader here through `fsutil.read_snapshot`) fall back
-to `P.old` when a save was killed between its two renames. This module adds what makes the
+Atomicity is `minimind.fsutil.AtomicFolder`'s: a checkpoint is staged in a hidden sibling
+folder and swapped in by renames under a per-path lock, so a kill at any moment leaves the
+previous (or the new) checkpoint loadable, never a half-written one, and readers
+(`resolve_checkpoint`, and every loader here through `fsutil.read_snapshot`) fall back to
+`P.old` when a save was killed between its two renames. This module adds what makes the
 folder a checkpoint: the files above, the refusal to replace a folder that is not one, and the
 strict reads.
 """

@@ -1,7 +1,7 @@
 """The `minimind` command: one table from command name to function, and nothing else.
 
 Each function takes an argv list (so it is callable from Python: `main(["data", "check", F])`
-or directly, e.g. `minimind.data.check.main([F])`) and returns an exit code. Modules are
+or directly, e.g. `minimind.data.commands.check_main([F])`) and returns an exit code. Modules are
 imported only when their command runs, so `minimind --help` stays fast.
 """
 

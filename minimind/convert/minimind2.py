@@ -10,10 +10,11 @@ through `trust_remote_code`.
 MiniMind2's tokenizer ships with the package (`MINIMIND2_TOKENIZER`, Apache-2.0, attributed in
 its TOKENIZER_NOTICE): the default tokenizer of a `.pth` with none beside it.
 
-What a state dict cannot tell (docs/FORMATS.md gives the MiniMind2 values): the head counts when the
-model has no q/k norm (default 8 query heads; the key/value heads then follow from k_proj's
-shape), rms_norm_eps, rope_theta, the context length and the MoE top-k. Everything else is read
-from shapes, and every mismatch names the key with its expected and found shape.
+What a state dict cannot tell (docs/FORMATS.md gives the MiniMind2 values): the head counts
+when the model has no q/k norm (default 8 query heads, given otherwise by the caller's
+--num_attention_heads or --preset; the key/value heads then follow from k_proj's shape),
+rms_norm_eps, rope_theta, the context length and the MoE top-k. Everything else is read from
+shapes, and every mismatch names the key with its expected and found shape.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A MiniMind2 `.pth`: a plain state dict, or a resume checkpoint holding one under "model"."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # checkpoints/{weight}_{hidden}_resume.pth (FORMATS.md)
+        obj = obj["model"]  # checkpoints/{weight}_{hidden}_resume.pth (docs/FORMATS.md)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
     return obj

@@ -3,9 +3,8 @@ or through `torch.compile`, with the cache growing in chunks.
 
 Why a static cache even without compiling: the step reads and writes only tensors (the write
 slot, positions and validity live on the device), so there is no host synchronisation and
-attention reads contiguous whole buffers instead of strided views of the filled prefix.
-Measured on 2 shared CPU cores, batch 1, 64 new tokens after 32, best of 5: minimind2-small
-7.31 -> 6.38 ms per token, demo 1.46 -> 1.35 (`/tmp`-style A/B in one process).
+attention reads contiguous whole buffers instead of strided views of the filled prefix
+(faster per token even eager; bench/RESULTS.md, "Why the code is shaped so", has the A/B).
 Its cost: attention spans the whole capacity, not just the filled slots, so capacity starts
 at the prompt plus a small chunk and doubles when full (an eager regrowth is one copy).
 
@@ -24,8 +23,8 @@ Per-step overhead of the compiled step on a CPU, where a batch-1 step of a 26M m
   (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only guards that tell cached
   graphs apart still run). The stance is process-wide: compiled `generate` calls are not for
   several threads at once (the server, chat and web UI decode eagerly).
-A/B in one process (/tmp script, greedy, 32 + 128 tokens, 12 interleaved calls, median):
-minimind2-small 165 -> 198 tokens/s, demo 1,181 -> 1,415 with both.
+Both together raise the compiled step's tokens/s by about a fifth on a CPU (the A/B is in
+bench/RESULTS.md, "Why the code is shaped so").
 """
 
 from __future__ import annotations

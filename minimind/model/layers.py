@@ -126,15 +126,14 @@ class InputGroup(nn.Module):
     gate/up): `project(x)` runs them as ONE matmul where that is safe, else one by one.
 
     Why: one (C, sum of outputs) GEMM is faster than several thin ones (k/v are only K*D = 128
-    wide), above all in batch-1 decoding on CPU, where each GEMV call has its own fixed cost.
-    Measured on the 2-core CPU (A/B in one process, compiled greedy decode of minimind2-small,
-    best of 6-10 calls): 208 -> 252 and 230 -> 264 tokens/s.
+    wide), above all in batch-1 decoding on CPU, where each GEMV call has its own fixed cost
+    (the A/B is in bench/RESULTS.md, "Why the code is shaped so").
 
     - Autograd on (training), where CONCAT_WITH_GRAD: the weights are concatenated per call.
       The copy is small next to the GEMM, and the gradients reach each parameter, so names,
       optimizers and LoRA see the usual separate parameters. Worth it for q/k/v (k and v are
-      thin); gate/up showed no gain in training steps (A/B, eager and compiled, fp32 and bf16,
-      within this machine's noise), so those run as two matmuls there.
+      thin); gate/up gained nothing measurable in training steps (bench/RESULTS.md), so those
+      run as two matmuls there.
     - Autograd off (decoding, evaluation), after `fuse()`: the parameters are views into one
       buffer, which is then the concatenated weight itself: no copy, and never stale, since
       every in-place update (optimizer steps, fused AdamW included, which does not bump version

@@ -191,7 +191,7 @@ class MiniMindForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """input_ids (B, 1) -> next-token logits (B, V), with fixed shapes (see decode_static).
-        The caller then calls `cache.advance_host()`; minimind.infer.static wraps both."""
+        The caller then calls `cache.advance_host()`; minimind.infer.steps wraps both."""
         return self.lm_head(self.model.decode_static(input_ids, cache)[:, -1])
 
     # --- conveniences --------------------------------------------------------------------
