@@ -212,3 +212,13 @@ def test_hf_export_keeps_the_checkpoints_precision_and_says_it(tmp_path, tok, ca
     assert "bfloat16" in capsys.readouterr().out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_bf16")
     assert next(hf.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["model", "tokenizer"])
+def test_pth_finds_the_tokenizer_of_its_layout(tmp_path, home, tok, layout):
+    """MiniMind keeps `out/` beside `model/` (the tokenizer files); a pipeline workdir keeps
+    `out/` beside `tokenizer/`: a .pth in either finds its tokenizer without --tokenizer."""
+    save_minimind2_pth(demo_model(), tmp_path / "out" / "chat_192.pth")
+    shutil.copytree(tok, tmp_path / layout)
+    loaded = load_model(tmp_path / "out" / "chat_192.pth", device="cpu", num_attention_heads=6)
+    assert loaded.tokenizer.encode("hello world") == load_tokenizer(tok).encode("hello world")

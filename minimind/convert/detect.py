@@ -101,12 +101,15 @@ def load_any(
 
 def tokenizer_candidates(path: str | os.PathLike) -> list[Path]:
     """Where the tokenizer of model file `path` may be, in order: the folder itself (or the
-    `.pth`'s folder), `{folder}/{stem}` (our checkpoint beside a `.pth` of the same name),
-    MINIMIND_HOME/model/tokenizer (ours) and MINIMIND_HOME/model (where MiniMind keeps it)."""
+    `.pth`'s folder), `{folder}/{stem}` (our checkpoint beside a `.pth` of the same name);
+    for a `.pth`, `../model` (MiniMind's layout: `out/` beside `model/`) and `../tokenizer`
+    (a pipeline workdir: `out/` beside `tokenizer/`); then MINIMIND_HOME/model/tokenizer
+    (ours) and MINIMIND_HOME/model (where MiniMind keeps it)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     home = paths.home() / "model"
-    return [folder, folder / path.stem, home / "tokenizer", home]
+    near = [] if path.is_dir() else [folder.parent / "model", folder.parent / "tokenizer"]
+    return [folder, folder / path.stem, *near, home / "tokenizer", home]
 
 
 def find_tokenizer(path: str | os.PathLike, vocab_size: int) -> Path:

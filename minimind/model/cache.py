@@ -107,6 +107,34 @@ class KVCache:
             layer.k, layer.v = layer.k[index], layer.v[index]
         self.valid, self.seen = self.valid[index], self.seen[index]
 
+    def rollback(self, drop: torch.Tensor | Sequence[int]) -> None:
+        """Forget the last `drop[i]` slots written in row i (B,) (>= 0): speculative decoding's
+        rejected draft tokens. Their slots become invalid and `seen` loses the real tokens among
+        them, so the row's next token gets the position it would have had without them.
+
+        The cache shrinks by min(drop) slots; a row that drops more keeps a hole of invalid
+        slots before the next write, which attention skips (only the order of a row's keys
+        matters, see the module docstring).
+
+        >>> c = KVCache(1, 2, 1, 1, 8)
+        >>> _ = c.reserve(torch.ones(2, 5, dtype=torch.bool)); c.advance(torch.ones(2, 5))
+        >>> c.rollback([1, 3])
+        >>> c.length, c.seen.tolist(), c.valid[:, :5].int().tolist()
+        (4, [4, 2], [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+        """
+        drop = torch.as_tensor(drop, dtype=torch.long, device=self.valid.device)
+        if drop.shape != (self.batch_size,) or bool((drop < 0).any()):
+            raise ValueError(f"drop must be {self.batch_size} counts >= 0, got {drop.tolist()}")
+        if bool((drop > self.length).any()):
+            raise ValueError(f"cannot drop {drop.tolist()} of {self.length} filled slots")
+        slots = torch.arange(self.length, device=drop.device)
+        gone = slots[None, :] >= self.length - drop[:, None]  # (B, length)
+        self.seen -= (self.valid[:, : self.length] & gone).sum(1)
+        self.valid[:, : self.length] &= ~gone
+        low = int(drop.min())
+        self.has_padding = self.has_padding or int(drop.max()) != low
+        self.length -= low
+
     def used(self) -> int:
         """Slots from the first one that any row holds through `length`: what `merge` keeps.
 
@@ -213,6 +241,11 @@ class StaticKVCache(KVCache):
     def advance_host(self) -> None:
         """Host side of a decode step's commit (outside the captured step)."""
         self.length += 1
+
+    def rollback(self, drop: torch.Tensor | Sequence[int]) -> None:
+        """KVCache.rollback, with the device slot moved back to the new length."""
+        super().rollback(drop)
+        self.slot.fill_(self.length)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
