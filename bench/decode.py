@@ -24,6 +24,17 @@ is reported (load only ever adds time); the median is kept in the JSON. Greedy t
 weights give near-uniform logits, so a near-tie may flip a token between implementations; the
 count of identical leading tokens is reported). Prints a table and writes JSON (default
 bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
+
+`--spec-target CKPT` switches to speculative decoding (minimind/infer/speculative.py), which
+needs a trained model (random weights make drafts worthless): greedy chat replies at batch 1,
+stopping at eos, from the target plain (eager, and compiled unless --no-compile), with n-gram
+drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer) drafting. Two prompt sets
+from `--spec-data` (chat jsonl, MiniMind's SFT format): "chat", single questions, and
+"repeat", three earlier exchanges followed by the second question again, so the answer repeats
+text of the prompt (where prompt lookup pays). A timed call answers the whole set; the sides
+take turns call by call; tokens/s, acceptance rate and tokens per target forward are reported,
+and every side's replies are checked against plain greedy's. JSON default:
+bench/results/decode_speculative.json.
 Run `python bench/decode.py --help`.
 """
 
@@ -71,7 +82,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--quick", action="store_true", help="tiny preset, 8 + 8 tokens, 1 repeat: a smoke run")
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     arg("--llamacpp-worker", type=Path, help=argparse.SUPPRESS)  # a GGUF: the child process
+    arg("--spec-target", type=Path, help="speculative mode: the target checkpoint (trained)")
+    arg("--spec-draft", type=Path, help="speculative mode: a draft checkpoint, same tokenizer")
+    arg("--spec-data", type=Path, help="speculative mode: chat jsonl the prompts come from")
+    arg("--spec-prompts", type=int, default=8, help="speculative mode: prompts per set")
+    arg("--spec-k", type=int, default=None, help="draft tokens per round (default: adaptive)")
     args = p.parse_args(argv)
+    if args.spec_target is not None and args.spec_data is None:
+        p.error("--spec-target needs --spec-data (chat jsonl)")
     if args.quick:
         args.presets, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], 8, 8, 1
     if args.threads <= 0:
@@ -284,12 +302,167 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# --- speculative decoding ----------------------------------------------------------------------
+
+
+def spec_prompts(tokenizer, data: Path, n: int) -> dict[str, list[list[int]]]:
+    """The "chat" and "repeat" prompt sets (see the module docstring) as prompt ids."""
+    from minimind.infer.chat import prompt_ids
+
+    pairs = []  # (user, assistant) exchanges, in file order
+    for line in data.read_text("utf-8").splitlines():
+        turns = json.loads(line)["conversations"]
+        if len(turns) >= 2 and turns[-2]["role"] == "user" and turns[-1]["content"]:
+            pairs.append((turns[-2]["content"], turns[-1]["content"]))
+    if len(pairs) < 4 * n:
+        raise SystemExit(f"--spec-data {data}: {len(pairs)} exchanges, need {4 * n}")
+    chat = [prompt_ids(tokenizer, [{"role": "user", "content": u}]) for u, _ in pairs[:n]]
+    repeat = []
+    for i in range(n):
+        history = []
+        for user, answer in pairs[n + 3 * i : n + 3 * i + 3]:
+            history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        repeat.append(prompt_ids(tokenizer, [*history, history[2]]))
+    return {"chat": chat, "repeat": repeat}
+
+
+def bench_speculative(args) -> dict:
+    """Plain vs speculative greedy decoding of a trained target over both prompt sets."""
+    from minimind.infer.chat import stop_ids
+    from minimind.infer.load import load_model
+
+    target = load_model(args.spec_target, device="cpu", dtype="float32")
+    draft = None
+    if args.spec_draft is not None:
+        draft = load_model(args.spec_draft, device="cpu", dtype="float32")
+        if draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+            raise SystemExit(f"--spec-draft {args.spec_draft}: not the target's tokenizer")
+    stops = stop_ids(target.tokenizer, target.model)
+    sets = spec_prompts(target.tokenizer, args.spec_data, args.spec_prompts)
+    drafters: dict[str, object] = {"plain": None, "ngram": "ngram"}
+    if draft is not None:
+        drafters["draft model"] = draft.model
+    if not args.no_compile:
+        drafters["plain compiled"] = None
+    out: dict[str, dict[str, list]] = {}
+
+    def fn(set_name: str, side: str):
+        def run() -> None:
+            replies = []
+            for prompt in sets[set_name]:
+                replies.append(
+                    generate(
+                        target.model,
+                        [prompt],
+                        max_new_tokens=args.new_tokens,
+                        temperature=0,
+                        stop_token_ids=stops,
+                        draft=drafters[side],
+                        num_draft_tokens=args.spec_k if drafters[side] is not None else None,
+                        compile=side == "plain compiled",
+                    )[0]
+                )
+            out[set_name][side] = replies
+
+        return run
+
+    report = {}
+    for set_name in sets:
+        out[set_name] = {}
+        fns = {side: fn(set_name, side) for side in drafters}
+        t0 = time.perf_counter()
+        times = alternate(fns, 1, args.repeats, "cpu")
+        plain = out[set_name]["plain"]
+        tokens = sum(len(r) for r in plain)
+        sides = {}
+        for side, t in times.items():
+            replies = out[set_name][side]
+            stats = [r.speculation for r in replies if r.speculation is not None]
+            drafted = sum(s.drafted for s in stats)
+            row_rounds = sum(s.row_rounds for s in stats)
+            sides[side] = {
+                "tokens_per_s": tokens / min(t),
+                "median_tokens_per_s": tokens / statistics.median(t),
+                "best_ms": min(t) * 1e3,
+                "same_as_plain": [list(r) for r in replies] == [list(r) for r in plain],
+                "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else None,
+                "tokens_per_target_forward": (
+                    sum(s.tokens for s in stats) / row_rounds if row_rounds else None
+                ),
+            }
+        for side in sides:
+            sides[side]["vs_plain"] = sides[side]["tokens_per_s"] / sides["plain"]["tokens_per_s"]
+        report[set_name] = {
+            "prompts": len(sets[set_name]),
+            "mean_prompt_tokens": statistics.mean(len(p) for p in sets[set_name]),
+            "reply_tokens": tokens,
+            "sides": sides,
+            "wall_s": time.perf_counter() - t0,
+        }
+        print(f"  {set_name}: {report[set_name]['wall_s']:.0f} s", file=sys.stderr)
+    return {
+        "target": f"{args.spec_target} ({target.model.num_parameters() / 1e6:.2f}M)",
+        "draft": None
+        if draft is None
+        else f"{args.spec_draft} ({draft.model.num_parameters() / 1e6:.2f}M)",
+        "sets": report,
+    }
+
+
+def spec_table(report: dict) -> str:
+    rows = [["set", "side", "tok/s", "median", "vs plain", "accepted", "tok/fwd", "same"]]
+    for set_name, r in report["sets"].items():
+        for side, s in r["sides"].items():
+            acc, tpf = s["acceptance_rate"], s["tokens_per_target_forward"]
+            rows.append(
+                [
+                    f"{set_name} ({r['prompts']} x ~{r['mean_prompt_tokens']:.0f} tok)",
+                    side,
+                    f"{s['tokens_per_s']:.0f}",
+                    f"{s['median_tokens_per_s']:.0f}",
+                    f"{s['vs_plain']:.2f}x",
+                    "-" if acc is None else f"{acc:.0%}",
+                    "-" if tpf is None else f"{tpf:.2f}",
+                    "yes" if s["same_as_plain"] else "NO",
+                ]
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main_speculative(args) -> dict:
+    import transformers  # noqa: F401  (meta() reports its version)
+
+    if args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name("decode_speculative.json")
+    report = {"meta": meta(args, None), **bench_speculative(args)}
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    report["meta"]["weights"] = "trained checkpoints, fp32"
+    for key in ("prompt_len", "llamacpp", "llama_cpp_python"):
+        report["meta"].pop(key)
+    m = report["meta"]
+    print(
+        f"speculative greedy decode, batch 1, up to {args.new_tokens} new tokens (eos stops), "
+        f"best of {args.repeats}; target {report['target']}, draft {report['draft']}; "
+        f"{m['device_name']}, {args.threads} threads; 1-min load average "
+        f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+    )
+    print(spec_table(report))
+    write_report(report, args.out)
+    print(f"wrote {args.out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.llamacpp_worker:
         llamacpp_worker(args)
         return None
+    if args.spec_target is not None:
+        return main_speculative(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -184,6 +184,7 @@ class ReplyStats:
     seconds: float = 0.0
     first_token_seconds: float | None = None
     finish_reason: str | None = None
+    speculation: object | None = None  # speculative.SpeculationStats, with a draft
 
     @property
     def tokens_per_second(self) -> float:
@@ -251,6 +252,7 @@ class ChatSession:
                 stats.first_token_seconds = time.perf_counter() - start
             stats.completion_tokens += 1
             stats.finish_reason = reason or stats.finish_reason
+            stats.speculation = step.speculation
             for kind, text in parser.feed(decoder.put(token)):
                 if kind == "content":
                     content.append(text)

@@ -15,7 +15,8 @@ Where prompts come from, first match wins:
 Output: each prompt is echoed as `💬: TEXT` (except what was typed at the prompt); a reply's
 reasoning, when it opens with `<think>`, is shown apart as a `[thinking]` ... `[/thinking]`
 block (dimmed on a terminal), then the answer after `🧠: `; with --show_speed 1 a
-`[Speed]: X tokens/s (...)` line follows. Styles (ANSI codes) only when stdout is a terminal;
+`[Speed]: X tokens/s (...)` line follows (with --draft, also the drafts' acceptance rate and
+tokens per forward of the model: speculative decoding, minimind.infer.speculative). Styles (ANSI codes) only when stdout is a terminal;
 piped output is plain text. The model line goes to stderr, so stdout holds the conversation.
 
 MiniMind's semantics kept: `--historys N` is the number of earlier messages in the prompt (an
@@ -32,11 +33,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
+import torch
 from rich.console import Console
 
 from minimind.infer.chat import ChatSession, ReplyStats
 from minimind.infer.generation import GenerationConfig
-from minimind.infer.load import add_model_args, load_from_args
+from minimind.infer.load import add_model_args, load_from_args, load_model
+from minimind.infer.speculative import check_draft
 
 # Like MiniMind's mode 0: everyday questions, Chinese and English, short to answer.
 BUILTIN_PROMPTS = (
@@ -72,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None, help="every reply samples with this seed")
+    g.add_argument(
+        "--draft",
+        default=None,
+        metavar="PATH|ngram",
+        help="speculative decoding: a smaller model with the same tokenizer (any model file "
+        "the loader reads) drafts tokens that the model verifies several at a time, or "
+        "'ngram' drafts them from the conversation itself (prompt lookup); same output",
+    )
+    g.add_argument(
+        "--draft_k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="draft tokens per verification (default: adapted to the acceptance rate)",
+    )
     g = parser.add_argument_group("conversation")
     g.add_argument(
         "--historys",
@@ -165,11 +183,15 @@ def show_reply(pieces: Iterable[tuple[str, str]], screen: Screen) -> None:
 
 
 def speed_line(stats: ReplyStats) -> str:
-    """MiniMind's `[Speed]` line, with the counts behind it."""
-    return (
+    """MiniMind's `[Speed]` line, with the counts behind it (and, with --draft, the drafts'
+    acceptance rate and the tokens gained per forward of the model)."""
+    line = (
         f"[Speed]: {stats.tokens_per_second:.2f} tokens/s ({stats.completion_tokens} tokens "
-        f"in {stats.seconds:.2f} s; prompt {stats.prompt_tokens} tokens)\n"
+        f"in {stats.seconds:.2f} s; prompt {stats.prompt_tokens} tokens)"
     )
+    if stats.speculation is not None:
+        line += f" [Draft]: {stats.speculation.summary()}"
+    return line + "\n"
 
 
 # --- sessions --------------------------------------------------------------------------------
@@ -235,6 +257,24 @@ class Chat:
         if word in ("/exit", "/quit"):
             return False
         return None
+
+
+def load_draft(spec: str, target) -> tuple[str | torch.nn.Module, str]:
+    """--draft -> (GenerationConfig.draft, a description): 'ngram', or a draft model loaded
+    beside the target (same device and dtype) whose tokenizer is the target's; a different
+    vocabulary is refused naming both."""
+    if spec == "ngram":
+        return spec, "n-gram prompt lookup"
+    draft = load_model(spec, device=target.device, dtype=next(target.model.parameters()).dtype)
+    ours, theirs = target.tokenizer.backend, draft.tokenizer.backend
+    if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
+        raise ValueError(
+            f"--draft {spec}: its tokenizer ({draft.tokenizer.vocab_size} tokens, "
+            f"{draft.path}) differs from the model's ({target.tokenizer.vocab_size} tokens, "
+            f"{target.path}); a draft model must share the model's vocabulary"
+        )
+    check_draft(target.model, draft.model)  # the model configs' vocabularies
+    return draft.model, draft.describe()
 
 
 def _session(args: argparse.Namespace, loaded) -> ChatSession:
@@ -313,21 +353,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--historys must be an even number >= 0 (whole exchanges), got {args.historys}"
         )
+    if args.draft_k is not None and args.draft is None:
+        parser.error("--draft_k needs --draft PATH|ngram")
     try:  # checked before the (slow) load
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            draft="ngram" if args.draft == "ngram" else None,
+            num_draft_tokens=args.draft_k,
         )
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(str(e).replace("num_draft_tokens", "--draft_k"))
     try:
         loaded = load_from_args(args)
+        if args.draft is not None:
+            draft, draft_text = load_draft(args.draft, loaded)
+            config = dataclasses.replace(config, draft=draft)
     except (FileNotFoundError, ValueError) as e:  # also CheckpointError, ConversionError
         print(f"chat: error: {e}", file=sys.stderr)
         return 1
     print(f"chat: {loaded.describe()}", file=sys.stderr)
+    if args.draft is not None:
+        print(f"chat: speculative decoding, draft: {draft_text}", file=sys.stderr)
     screen = Screen(sys.stdout, styled=sys.stdout.isatty())
     chat = Chat(_session(args, loaded), screen, config, bool(args.show_speed))
 

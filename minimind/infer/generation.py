@@ -22,6 +22,8 @@ Design decisions:
   batch 32, 737 vs 368 (dropping at once vs never).
 - One host transfer per step (the new tokens, needed anyway to stream them and to test the
   stop condition); the processors run on the device.
+- With GenerationConfig.draft, `stream` hands the call to speculative.py (a draft model or
+  n-gram prompt lookup proposes tokens that the model verifies several at a time).
 - The choice of a token and its state (penalties, seeded generator) is `TokenChooser`, shared
   with the continuous batcher (batcher.py), which keeps one per request: the same code path is
   what makes a batched request sample exactly as it does here alone.
@@ -32,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -74,6 +77,13 @@ class GenerationConfig:
     # from before top-k/top-p and penalties: log_softmax(logits / temperature), or of the
     # raw logits when greedy (Step.logprobs, Completion.logprobs). For RL rollouts.
     logprobs: bool = False
+    # Speculative decoding (speculative.py): a draft model with the target's vocabulary, or
+    # "ngram" (prompt lookup, no second model), proposes num_draft_tokens tokens per row that
+    # the model checks in one forward; None: no speculation. Greedy output is unchanged and
+    # sampled output keeps the model's distribution (the accept/reject rule).
+    draft: Any = field(default=None, repr=False)
+    # Draft tokens per round; None adapts it to the acceptance (starting at 4).
+    num_draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -101,6 +111,15 @@ class GenerationConfig:
             self.stop_token_ids = tuple(self.stop_token_ids)
             if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
                 errors.append(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+        if self.num_draft_tokens is not None and (
+            not isinstance(self.num_draft_tokens, int) or not 1 <= self.num_draft_tokens <= 64
+        ):
+            errors.append(
+                f"num_draft_tokens must be an integer in 1..64 or None (adaptive), got "
+                f"{self.num_draft_tokens!r}"
+            )
+        if isinstance(self.draft, str) and self.draft != "ngram":
+            errors.append(f"draft must be a model, 'ngram' or None, got {self.draft!r}")
         if errors:
             raise ValueError("invalid GenerationConfig: " + "; ".join(errors))
 
@@ -108,12 +127,14 @@ class GenerationConfig:
 class Completion(list):
     """One row's generated token ids (a plain list[int]) plus `finish_reason`: "stop" when it
     ended on a stop token (the last id), "length" when it ran out of budget; and `logprobs`
-    (one float per token) when GenerationConfig.logprobs was set."""
+    (one float per token) when GenerationConfig.logprobs was set; `speculation` (the call's
+    speculative.SpeculationStats) when GenerationConfig.draft was set."""
 
     def __init__(self, tokens: Sequence[int] = (), finish_reason: str | None = None):
         super().__init__(tokens)
         self.finish_reason = finish_reason
         self.logprobs: list[float] | None = None
+        self.speculation = None
 
     def __repr__(self) -> str:
         return f"Completion({list(self)!r}, finish_reason={self.finish_reason!r})"
@@ -123,13 +144,16 @@ class Completion(list):
 class Step:
     """One decoding step, for every prompt row in order.
 
-    tokens[i]: the new token of row i, or None when row i had finished before this step.
+    tokens[i]: the new token of row i, or None when row i had finished before this step (with
+    a draft, also when row i's accepted run in this round ended before the step).
     finish_reasons[i]: "stop" / "length" on the step at which row i finishes, else None.
     """
 
     tokens: list[int | None]
     finish_reasons: list[str | None]
     logprobs: list[float | None] | None = None  # when GenerationConfig.logprobs
+    # with GenerationConfig.draft: the call's running speculative.SpeculationStats
+    speculation: Any = None
 
 
 def stop_token_ids(cfg: GenerationConfig, eos_token_id: int) -> tuple[int, ...]:
@@ -184,6 +208,12 @@ def stream(
         raise ValueError(
             f"the longest prompt ({ids.shape[1]} tokens) leaves no room in max_len={max_len}"
         )
+    if cfg.draft is not None:
+        from . import speculative  # imports this module
+
+        speculative.check_draft(model, cfg.draft)
+        speculative.check_config(cfg)
+        return speculative.speculative_decode(model, ids, mask, cfg, budget, Step)
     return _decode(model, ids, mask, cfg, budget)
 
 
@@ -340,10 +370,14 @@ def generate(
     """The new tokens of each prompt (stop token included), with its finish reason.
 
     Arguments as for `stream`, e.g. `generate(model, prompts, max_new_tokens=64, top_p=0.9,
-    seed=0)`. Each Completion is a list[int] with a `.finish_reason` attribute.
+    seed=0)`, or with speculative decoding `generate(model, prompts, max_new_tokens=64,
+    draft="ngram")`. Each Completion is a list[int] with a `.finish_reason` attribute.
     """
     out = [Completion() for _ in prompts]
     for step in stream(model, prompts, config, **overrides):
+        if step.speculation is not None:
+            for completion in out:
+                completion.speculation = step.speculation
         lps = step.logprobs if step.logprobs is not None else [None] * len(out)
         for completion, token, reason, lp in zip(out, step.tokens, step.finish_reasons, lps):
             if token is not None:

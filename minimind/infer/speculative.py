@@ -1,0 +1,519 @@
+"""Speculative decoding: a cheap drafter proposes k tokens per row, the target model checks
+them all in one forward over its KV cache, and every row keeps the longest prefix the target
+agrees with, plus one token of the target's own. `stream`/`generate` come here when
+GenerationConfig.draft is set.
+
+Drafters:
+- a draft model (a smaller MiniMindForCausalLM with the same vocabulary: the 2M `demo`-shaped
+  or 26M models for the larger ones) decodes k tokens over its own KV cache;
+- "ngram" (prompt lookup, as transformers' `prompt_lookup_num_tokens`): the row's last n
+  tokens (n = 3, 2, 1) are looked up earlier in the row's own prompt and output, and the k
+  tokens that followed their latest occurrence are proposed. No second model; it pays off
+  where the answer repeats its context (quoting, editing, summaries, code).
+
+The rule (Leviathan et al. 2023, "Fast inference from transformers via speculative decoding",
+alg. 1; Chen et al. 2023, "Accelerating LLM decoding with speculative sampling", alg. 2):
+with p the target's and q the drafter's distribution at a draft position (both after the same
+temperature / top-k / top-p / min_new_tokens processing as plain decoding), draft token d is
+accepted with probability min(1, p(d) / q(d)); at the first rejection the row's token is drawn
+from norm(max(0, p - q)) and the rest of the draft is discarded; when all k are accepted, one
+more token is drawn from p at the position after them. Each emitted token is then distributed
+exactly as plain sampling from p would give it. An n-gram draft is a point mass (q(d) = 1):
+accept with probability p(d), on rejection draw from p with d removed. Greedy (temperature 0)
+is the same rule with p and q point masses at the argmax: accept d while it equals the
+target's argmax, so the output is plain greedy decoding token for token (up to float
+reassociation between a (B, k+1) forward and k+1 single-token steps; tested identical on tiny
+random float64 models and on a trained demo model in float32).
+
+Design decisions:
+- The target holds every emitted token but the row's last one in its cache; a round feeds
+  [last, d_1..d_m] (T = m + 1 columns, rows with shorter drafts left-padded inside the block,
+  which the model's attention mask already handles) and `KVCache.rollback` drops each row's
+  rejected drafts afterwards. Rows accept different lengths: a row that keeps fewer leaves a
+  hole of invalid slots that attention skips, so each row advances by its own accepted count
+  (the cache length grows by the most any row kept; capacity doubles when needed).
+- The draft model's cache lags the emitted tokens by one or two ("pending": the token the
+  target added, and the last draft when all k were accepted, which the draft never fed
+  itself); a round starts with one forward over the pending tokens (left-padded to 2), then
+  k - 1 single-token steps (`decode_step` over a StaticKVCache, as plain decoding).
+- k: fixed (`num_draft_tokens`), or None to adapt it per round from the acceptance, as
+  transformers' "heuristic" assistant schedule does: +2 after a round whose drafts were all
+  accepted, -1 after one with a rejection, within [1, 16]; it starts at 4.
+- A round's draft length is cut to the largest budget any row has left, and each row's
+  emission is cut at its stop token or its own budget. Stopping a row's round early is exact:
+  the next token is drafted afresh from the same prefix.
+- Not supported with a draft (refused at the call): the repetition, presence and frequency
+  penalties (their state would change inside a verified block) and `compile=True` (the
+  verification forward has a different length every round); speculative decoding runs eager.
+- Statistics (`SpeculationStats`): drafted and accepted tokens, target forwards; acceptance
+  rate and tokens per target forward per row (plain decoding: 1.0). Every `Step` carries the
+  call's running totals, every Completion of `generate` the final ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minimind.model import MiniMindForCausalLM
+from minimind.model.cache import StaticKVCache
+
+from .sampling import apply_temperature, top_k_filter, top_p_filter
+
+NGRAM = "ngram"
+K_START, K_MIN, K_MAX = 4, 1, 16
+NGRAM_MAX, NGRAM_MIN = 3, 1  # prompt-lookup n-gram sizes, tried longest first
+CHUNK = 64  # cache capacity granularity (slots), as steps.py
+
+
+@dataclass
+class SpeculationStats:
+    """Running totals of one speculative `generate`/`stream` call, over all its rows.
+
+    drafted: draft tokens proposed; accepted: of those, kept; rounds: verification forwards of
+    the target (each over all running rows, the prefill not counted); row_rounds: the sum over
+    rounds of the rows it verified; tokens: tokens emitted by those rounds.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    row_rounds: int = 0
+    tokens: int = 0
+    k: int = 0  # the draft length of the latest round (adapted when num_draft_tokens is None)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted draft tokens (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens one row gains per target forward (plain decoding: 1)."""
+        return self.tokens / self.row_rounds if self.row_rounds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"acceptance {self.acceptance_rate:.0%} ({self.accepted}/{self.drafted} drafted), "
+            f"{self.tokens_per_forward:.2f} tokens per target forward"
+        )
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def check_cache_path(model, role: str) -> None:
+    """Refuse a model that cannot decode over minimind's KV cache, saying why."""
+    missing = [n for n in ("new_cache", "decode_step", "config") if not hasattr(model, n)]
+    if missing:
+        raise ValueError(
+            f"the {role} ({type(model).__name__}) has no KV-cache decoding path (no "
+            f"{', '.join(missing)}): speculative decoding needs a MiniMindForCausalLM, which "
+            "verifies drafts over its cache and rolls rejected ones back"
+        )
+
+
+def check_draft(target: MiniMindForCausalLM, draft) -> None:
+    """A draft model must share the target's vocabulary: same size and special ids."""
+    check_cache_path(target, "target model")
+    if isinstance(draft, str):
+        if draft != NGRAM:
+            raise ValueError(f"draft must be a model or {NGRAM!r}, got {draft!r}")
+        return
+    check_cache_path(draft, "draft model")
+
+    def vocab(m) -> str:
+        c = m.config
+        return (
+            f"{c.vocab_size} tokens, bos {c.bos_token_id}, eos {c.eos_token_id}, "
+            f"pad {c.pad_token_id}"
+        )
+
+    if vocab(target) != vocab(draft):
+        raise ValueError(
+            "the draft model's vocabulary differs from the target's: draft "
+            f"[{vocab(draft)}] vs target [{vocab(target)}]; a draft must use the same tokenizer"
+        )
+    td, dd = next(target.parameters()).device, next(draft.parameters()).device
+    if td != dd:
+        raise ValueError(f"the draft model is on {dd}, the target on {td}: put both on one")
+
+
+def check_config(cfg) -> None:
+    """The settings speculative decoding does not support, refused by name."""
+    bad = [
+        f"{name}={getattr(cfg, name)}"
+        for name, off in (
+            ("repetition_penalty", 1.0),
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+        )
+        if getattr(cfg, name) != off
+    ]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} not supported with a draft: a penalty's state changes inside "
+            "a verified block of draft tokens"
+        )
+    if cfg.compile:
+        raise ValueError(
+            "compile=True is not supported with a draft: the verification forward changes "
+            "length every round, so speculative decoding runs eager"
+        )
+
+
+# --- drafting --------------------------------------------------------------------------------
+
+
+def ngram_draft(tokens: list[int], k: int, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN):
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the row's
+    last n tokens, for the longest n in max_n..min_n that occurs; [] when none does.
+
+    >>> ngram_draft([5, 6, 7, 8, 9, 1, 5, 6], 3)
+    [7, 8, 9]
+    >>> ngram_draft([5, 6, 7, 6, 2], 2)
+    []
+    """
+    if k <= 0 or len(tokens) < 2:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        # windows starting at s <= len - 1 - n: each is followed by at least one token, and
+        # none is the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+        hits = np.flatnonzero((windows == arr[-n:]).all(1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start : start + k]
+    return []
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CHUNK) * CHUNK
+
+
+class _Cached:
+    """A model with its StaticKVCache in one call: forwards over blocks of new tokens and
+    single-token steps, rollback, row dropping, and capacity that grows on demand."""
+
+    def __init__(self, model: MiniMindForCausalLM, batch: int, capacity: int, fuse: bool):
+        self.model = model
+        self.cache = model.new_cache(batch, _round_up(capacity), static=True, fuse=fuse)
+
+    def room(self, n: int) -> None:
+        """Have at least n free slots (a regrowth copies the cache once)."""
+        cache = self.cache
+        if cache.length + n > cache.max_len:
+            capacity = _round_up(max(2 * cache.max_len, cache.length + n))
+            self.cache = StaticKVCache.merge([cache], capacity)
+            self.model.model.rotary.ensure(capacity, cache.valid.device)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, last: bool = False):
+        """ids (B, T) of new tokens (mask: left padding) -> logits (B, T, V), or (B, V) of the
+        last column when `last`."""
+        self.room(ids.shape[1])
+        out = self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=int(last))
+        return out.logits[:, -1] if last else out.logits
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """tok (B,) -> next-token logits (B, V), a fixed-shape step as plain decoding's."""
+        self.room(1)
+        logits = self.model.decode_step(tok[:, None], self.cache)
+        self.cache.advance_host()
+        return logits
+
+    def rollback(self, drop: list[int]) -> None:
+        if any(drop):
+            self.cache.rollback(drop)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists right-aligned into (B, T) ids and a (B, T) mask (None when none is padded)."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, t - len(r) :] = True
+    padded = not bool(mask.all())
+    return ids.to(device), (mask.to(device) if padded else None)
+
+
+# --- the accept/reject rule ------------------------------------------------------------------
+
+
+class _Rule:
+    """The token distributions of one GenerationConfig and the accept/reject draws.
+
+    logits (..., V) -> processed logits (the same processing as plain decoding: float,
+    stop tokens suppressed before min_new_tokens, temperature, top-k, top-p)."""
+
+    def __init__(self, cfg, stop_ids, generator: torch.Generator | None, device):
+        self.cfg, self.generator = cfg, generator
+        self.greedy = cfg.temperature == 0
+        self.stop = torch.tensor(tuple(stop_ids), dtype=torch.long, device=device)
+
+    def process(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """logits (N, V) of new tokens whose indices in their rows are `index` (N,)."""
+        logits = logits.float()
+        if self.cfg.min_new_tokens > 0 and self.stop.numel():
+            early = (index < self.cfg.min_new_tokens)[:, None]
+            banned = torch.zeros_like(logits, dtype=torch.bool).index_fill_(1, self.stop, True)
+            logits = logits.masked_fill(early & banned, float("-inf"))
+        if self.greedy:
+            return logits
+        cfg = self.cfg
+        return top_p_filter(
+            top_k_filter(apply_temperature(logits, cfg.temperature), cfg.top_k), cfg.top_p
+        )
+
+    def probs(self, processed: torch.Tensor) -> torch.Tensor:
+        """(N, V) distributions: a one-hot argmax when greedy, else softmax in float64."""
+        if self.greedy:
+            return torch.zeros_like(processed, dtype=torch.float64).scatter_(
+                1, processed.argmax(-1, keepdim=True), 1.0
+            )
+        return processed.double().softmax(-1)
+
+    def uniform(self, *shape: int, device) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, device=device, dtype=torch.float64)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of probs (N, V): the argmax when greedy, else inverse transform
+        sampling as sampling.choose does."""
+        if self.greedy:
+            return probs.argmax(-1)
+        cdf = probs.cumsum(-1)
+        target = self.uniform(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        return index.clamp_(max=probs.shape[-1] - 1)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def speculative_decode(
+    model: MiniMindForCausalLM,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    cfg,
+    budget: int,
+    step_type,
+) -> Iterator:
+    """The loop behind `stream` with GenerationConfig.draft set: ids (B, T) left-padded prompts,
+    mask (B, T) or None, budget >= 1 new tokens per row. Yields `step_type` (generation.Step)
+    objects; a row's token is None in a step when the row has finished, or when its accepted
+    run in this round ended before the step (other rows accepted more)."""
+    from .generation import stop_token_ids  # generation imports this module lazily
+
+    mcfg = model.config
+    device = ids.device
+    b, t = ids.shape
+    stop_ids = stop_token_ids(cfg, mcfg.eos_token_id)
+    stop_set = set(stop_ids)
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device)
+        if cfg.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(cfg.seed)
+    rule = _Rule(cfg, stop_ids, generator, device)
+    fixed_k = cfg.num_draft_tokens
+    k = fixed_k if fixed_k is not None else K_START
+    stats = SpeculationStats(k=k)
+
+    capacity = t + min(budget, CHUNK) + K_MAX + 2
+    target = _Cached(model, b, capacity, cfg.fuse)
+    drafter = None if isinstance(cfg.draft, str) else _Cached(cfg.draft, b, capacity, cfg.fuse)
+
+    # Per running row (cache row j): its prompt row, its tokens (prompt + output), how many it
+    # has emitted, and (draft model) its pending tokens: emitted but not yet in the draft cache.
+    rows = list(range(b))
+    real = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    history = [ids[i][real[i]].tolist() for i in range(b)]
+    emitted = [0] * b
+    pending: list[list[int]] = [[] for _ in range(b)]
+
+    # The prefill is a round with no drafts: its logits give each row's first token.
+    logits = target.forward(ids, mask, last=True)[:, None]  # (B, 1, V)
+    if drafter is not None:
+        drafter.forward(ids, mask, last=True)
+    drafts: list[list[int]] = [[] for _ in range(b)]
+    q = None  # (B', k, V): the draft model's distributions, when it samples
+    first = True
+    while True:
+        runs, reasons, accepted, lps = _verify(logits, drafts, q, emitted, rule, cfg)
+        # each row's emission ends at a stop token or its budget
+        for j, run in enumerate(runs):
+            for i, tok in enumerate(run):
+                if tok in stop_set:
+                    del run[i + 1 :]
+                    reasons[j] = "stop"
+                    break
+            if len(run) >= budget - emitted[j]:
+                del run[budget - emitted[j] :]
+                reasons[j] = "stop" if run[-1] in stop_set else "length"
+        if not first:
+            stats.rounds += 1
+            stats.row_rounds += len(rows)
+            stats.drafted += sum(len(d) for d in drafts)
+            stats.accepted += sum(accepted)
+            stats.tokens += sum(len(r) for r in runs)
+        first = False
+
+        for i in range(max(len(r) for r in runs)):
+            tokens: list[int | None] = [None] * b
+            finish: list[str | None] = [None] * b
+            logprobs = None if lps is None else [None] * b
+            for j, run in enumerate(runs):
+                if i < len(run):
+                    tokens[rows[j]] = run[i]
+                    if logprobs is not None:
+                        logprobs[rows[j]] = lps[j][i]
+                    if i == len(run) - 1:
+                        finish[rows[j]] = reasons[j]
+            yield step_type(tokens, finish, logprobs, stats)
+
+        # roll the rejected drafts back: the target holds [last, d_1..d_m] of this round, the
+        # draft model pending + d_1..d_{k-1}; both keep through d_a
+        m = [len(d) for d in drafts]
+        target.rollback([mj - a for mj, a in zip(m, accepted)])
+        if drafter is not None and any(m):
+            drafter.rollback([(mj - 1) - min(a, mj - 1) for mj, a in zip(m, accepted)])
+        for j, run in enumerate(runs):
+            history[j] += run
+            emitted[j] += len(run)
+            if drafter is not None:
+                if m[j] == 0:  # nothing drafted (the prefill, or no budget): nothing consumed
+                    pending[j] = [*pending[j], *run]
+                elif accepted[j] == m[j]:  # d_k was never fed to the draft model
+                    pending[j] = [drafts[j][-1], run[-1]]
+                else:
+                    pending[j] = [run[-1]]
+        if fixed_k is None and any(m):
+            k = min(k + 2, K_MAX) if sum(accepted) == sum(m) else max(k - 1, K_MIN)
+            stats.k = k
+
+        keep = [j for j, r in enumerate(reasons) if r is None]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            target.reorder(index)
+            if drafter is not None:
+                drafter.reorder(index)
+            rows, history, emitted, pending = (
+                [x[j] for j in keep] for x in (rows, history, emitted, pending)
+            )
+
+        # draft the next round: at most the largest budget a row has left, less its own token
+        kr = min(k, max(budget - e for e in emitted) - 1)
+        q = None
+        if kr <= 0:
+            drafts = [[] for _ in rows]
+        elif drafter is None:
+            drafts = [ngram_draft(h, kr) for h in history]
+        else:
+            drafts, q = _draft_model_round(drafter, pending, kr, emitted, rule, mcfg, device)
+        block_ids, block_mask = _left_pad(
+            [[h[-1], *d] for h, d in zip(history, drafts)], mcfg.pad_token_id, device
+        )
+        logits = target.forward(block_ids, block_mask)  # (B', T, V)
+
+
+def _verify(logits, drafts, q, emitted, rule: _Rule, cfg):
+    """One round's accept/reject over the target's logits (B', T, V), in which row j's columns
+    [last, d_1..d_m_j] are right-aligned. -> (runs: each row's accepted drafts and its own
+    token, reasons: all None, accepted counts, log-probs per run or None)."""
+    n, width, _ = logits.shape
+    device = logits.device
+    m = torch.tensor([len(d) for d in drafts], device=device)  # (B',)
+    col = width - 1 - m  # each row's column of `last`
+    pos = torch.arange(width, device=device)
+    index = (torch.tensor(emitted, device=device)[:, None] + pos - col[:, None]).clamp(min=0)
+    processed = rule.process(logits.flatten(0, 1), index.flatten())
+    if rule.greedy:  # accept while the draft is the argmax: compared on the host, one transfer
+        best = processed.argmax(-1).view(n, width).tolist()
+        accepted, runs = [], []
+        for j, d in enumerate(drafts):
+            c, a = width - 1 - len(d), 0
+            while a < len(d) and d[a] == best[j][c + a]:
+                a += 1
+            accepted.append(a)
+            runs.append([*d[:a], best[j][c + a]])
+        return runs, [None] * n, accepted, _logprobs(logits, col, runs, cfg)
+    p = rule.probs(processed).view(n, width, -1)
+    kmax = int(m.max())
+    r = torch.arange(n, device=device)
+    if kmax:
+        d = torch.tensor([[*x, *[0] * (kmax - len(x))] for x in drafts], device=device)
+        live = torch.arange(kmax, device=device) < m[:, None]  # (B', kmax): real drafts
+        cols = (col[:, None] + torch.arange(kmax, device=device)).clamp(max=width - 1)
+        pd = p[r[:, None], cols, d]  # (B', kmax): p(d_i) at draft i's position
+        if rule.greedy:
+            ok = pd == 1.0
+        else:
+            qd = torch.ones_like(pd) if q is None else q.gather(2, d[..., None]).squeeze(2)
+            ok = rule.uniform(n, kmax, device=device) * qd < pd  # u < p/q, q > 0
+        a = (ok & live).long().cumprod(1).sum(1)  # (B',): leading accepts
+    else:
+        a = torch.zeros(n, dtype=torch.long, device=device)
+    # the row's own token: from p after its last accepted draft, from norm(max(0, p - q))
+    # after a rejection (q a point mass for n-gram and greedy drafts)
+    pr = p[r, col + a]  # (B', V)
+    if kmax:
+        rejected = a < m
+        at = a.clamp(max=kmax - 1)
+        if q is None:
+            qr = torch.zeros_like(pr).scatter_(1, d[r, at][:, None], 1.0)
+        else:
+            qr = q[r, at]
+        residual = (pr - qr).clamp_(min=0)
+        use = rejected[:, None] & (residual.sum(-1, keepdim=True) > 0)
+        pr = torch.where(use, residual, pr)
+    own = rule.draw(pr).tolist()
+    accepted = a.tolist()
+    runs = [[*drafts[j][: accepted[j]], own[j]] for j in range(n)]
+    return runs, [None] * n, accepted, _logprobs(logits, col, runs, cfg)
+
+
+def _logprobs(logits, col, runs, cfg) -> list[list[float]] | None:
+    """Each emitted token's log-probability as plain decoding reports it (GenerationConfig
+    .logprobs): log_softmax(logits / temperature), of the raw logits when greedy."""
+    if not cfg.logprobs:
+        return None
+    scaled = logits.float() / cfg.temperature if cfg.temperature > 0 else logits.float()
+    lsm = scaled.log_softmax(-1)
+    return [
+        [float(lsm[j, int(col[j]) + i, tok]) for i, tok in enumerate(run)]
+        for j, run in enumerate(runs)
+    ]
+
+
+def _draft_model_round(drafter: _Cached, pending, k: int, emitted, rule: _Rule, mcfg, device):
+    """k tokens per row from the draft model -> (drafts [B'][k], q (B', k, V), None when
+    greedy). Feeds each row's pending tokens (a left-padded block), then k - 1 single steps."""
+    ids, mask = _left_pad(pending, mcfg.pad_token_id, device)
+    logits = drafter.forward(ids, mask, last=True)  # (B', V)
+    base = torch.tensor(emitted, device=device)
+    tokens, dists = [], []
+    for i in range(k):
+        processed = rule.process(logits, base + i)  # (B', V)
+        if rule.greedy:
+            tok = processed.argmax(-1)
+        else:
+            dists.append(rule.probs(processed))
+            tok = rule.draw(dists[-1])
+        tokens.append(tok)
+        if i < k - 1:
+            logits = drafter.step(tok)
+    drafts = torch.stack(tokens, 1).tolist()  # (B', k)
+    return drafts, (None if rule.greedy else torch.stack(dists, 1))
