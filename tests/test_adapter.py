@@ -107,7 +107,9 @@ def string_constants(path: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("part", ["train", "infer", "convert", "serve", "eval", "model"])
+@pytest.mark.parametrize(
+    "part", ["train", "infer", "convert", "serve", "eval", "model", "pipeline"]
+)
 def test_only_the_adapter_module_spells_the_file_names(part):
     names = {adapter.CONFIG_NAME, adapter.WEIGHTS_NAME}
     spelled = [

@@ -25,7 +25,15 @@ from minimind.pipeline.report import parse_cell, read_tables
 pytestmark = pytest.mark.timeout(600)  # the module fixture runs the reduced pipeline
 
 SMOKE = Recipe(
-    size_mb=0.3, vocab_size=600, pretrain_epochs=1, sft_epochs=1, grpo_steps=4, grpo_prompts=4
+    preset="tiny",
+    size_mb=0.3,
+    vocab_size=600,
+    pretrain_epochs=1,
+    sft_epochs=1,
+    grpo_steps=4,
+    grpo_prompts=4,
+    student_hidden=32,
+    student_heads=2,
 )
 LIMITS = {"max_steps": 20, "eval_limit": 4}
 STAGES = [
@@ -158,7 +166,7 @@ def test_a_killed_run_resumes_the_stage_it_was_in(tmp_path):
     workdir = tmp_path / "killed"
     argv = [
         sys.executable, "-m", "minimind.cli", "demo", "--workdir", str(workdir),
-        "--size-mb", "0.3", "--vocab-size", "600", "--pretrain-epochs", "1",
+        "--preset", "tiny", "--size-mb", "0.3", "--vocab-size", "600", "--pretrain-epochs", "1",
         "--max-steps", "20", "--eval-limit", "4", "--save-every", "10", "--until", "sft",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

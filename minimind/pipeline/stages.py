@@ -328,7 +328,7 @@ def sft(run: Run) -> dict:
     )  # fmt: skip
     start = run.load("pretrain")
     metrics = run.measures.compare(
-        (*TRAIN_TASKS, "perplexity"),
+        (*TRAIN_TASKS, "arith_rl", "perplexity"),
         run.model_name("pretrain"),
         start,
         run.model_name("sft"),
@@ -346,6 +346,7 @@ def sft(run: Run) -> dict:
 
 
 def lora(run: Run) -> dict:
+    from minimind.adapter import WEIGHTS_NAME
     from minimind.model.lora import LoRAConfig
     from minimind.train.stages.lora import LoRAStage
 
@@ -371,7 +372,7 @@ def lora(run: Run) -> dict:
         "metrics": metrics,
         "artifacts": {
             "checkpoint": run.rel(ckpt),
-            "adapter": run.rel(ckpt / "adapter.safetensors"),
+            "adapter": run.rel(ckpt / WEIGHTS_NAME),
         },
         "notes": [f"rank {r.lora_rank} adapters on the SFT model; the export has them merged"],
         "samples": _samples(run, "lora", ("identity",)),
