@@ -27,6 +27,12 @@ level runs `--repeats` times, interleaved with the others, and its best run is r
 from other processes only ever adds time); all runs are kept in the JSON. A benchmark, not a
 test: it never asserts a speed. Prints a table and writes JSON (default
 bench/results/serve.json). Run `python bench/serve.py --help`.
+
+`--mixed` measures the server under mixed load instead (bench/serve_mixed.py): the running
+streams' inter-token latency while a long prompt is prefilled, whole or in chunks, and the time
+to first token of n=8 choices against n=1, with prompt sharing off and on (default JSON
+bench/results/serve_mixed.json). `--load_from` serves a trained checkpoint instead of random
+weights (e.g. the demo's).
 """
 
 from __future__ import annotations
@@ -83,11 +89,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--server-threads", type=int, default=1, help="the server's torch threads")
     arg("--stream-interval", type=float, default=0.0, help="the server's --stream_interval")
     arg("--quick", action="store_true", help="tiny preset, few tokens: a smoke run of seconds")
-    arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
+    arg("--out", type=Path, default=None, help=f"where to write the JSON (default {DEFAULT_OUT})")
+    arg("--load_from", type=Path, default=None, help="serve this checkpoint, not random weights")
+    m = p.add_argument_group("mixed load (--mixed)")
+    m.add_argument("--mixed", action="store_true", help="run the mixed-load mode (see above)")
+    m.add_argument("--streams", type=int, default=None, help="running streams (default: the "
+                   "largest --clients)")  # fmt: skip
+    m.add_argument("--stream-tokens", type=int, default=1500, help="forced tokens per stream "
+                   "(they are cancelled when a turn ends)")  # fmt: skip
+    m.add_argument("--long-tokens", type=int, default=1500, help="the long prompt's tokens")
+    m.add_argument("--chunk", type=int, default=None, help="the chunked side's --prefill_chunk "
+                   "(default: the server's default)")  # fmt: skip
+    m.add_argument("--n", type=int, default=8, help="choices in the TTFT comparison")
+    m.add_argument("--window", type=float, default=1.0, help="seconds of gaps before the long "
+                   "prompt")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.clients, args.tokens, args.rounds, args.repeats = "tiny", "1,4", 16, 1, 1
+        args.stream_tokens, args.long_tokens, args.window = 300, 200, 0.3
+        args.chunk = args.chunk or 64
     args.levels = sorted({int(c) for c in args.clients.split(",")} | {1})
+    args.streams = args.streams or args.levels[-1]
+    if args.chunk is None:
+        from minimind.serve.openai_api import PREFILL_CHUNK
+
+        args.chunk = PREFILL_CHUNK
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name("serve_mixed.json") if args.mixed else DEFAULT_OUT
     return args
 
 
@@ -102,7 +130,7 @@ def make_checkpoint(folder: Path, name: str) -> tuple[Path, int]:
     return save_checkpoint(folder / "model", model, tokenizer_dir=tok), model.num_parameters()
 
 
-def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -117,6 +145,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
         "--threads", str(args.server_threads),
         "--stream_interval", str(args.stream_interval),
         "--log_level", "warning",
+        *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -285,8 +314,13 @@ def table(levels: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.mixed:
+        return main_mixed(args)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, params = make_checkpoint(Path(tmp), args.preset)
+        if args.load_from is not None:
+            ckpt = args.load_from
+            params = load_model(ckpt, device="cpu").model.num_parameters()
         proc, url = start_server(ckpt, args)
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -351,6 +385,47 @@ def main(argv: list[str] | None = None) -> dict:
             f"({lv['engine_speedup']:.2f}x)"
             for lv in levels
         )
+    )
+    write_report(report, args.out)
+    print(f"wrote {args.out}")
+    return report
+
+
+def main_mixed(args) -> dict:
+    """`--mixed`: bench/serve_mixed.py's two parts, on the checkpoint or a random model."""
+    from serve_mixed import run_mixed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.load_from is not None:
+            ckpt, name = args.load_from, str(args.load_from)
+            params = load_model(ckpt, device="cpu").model.num_parameters()
+        else:
+            (ckpt, params), name = make_checkpoint(Path(tmp), args.preset), args.preset
+        load_start = os.getloadavg()
+        mixed = run_mixed(ckpt, args)
+        load_end = os.getloadavg()
+    report = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": args.device,
+            "cpu": cpu_name(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "server_threads": args.server_threads,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "torch": torch.__version__,
+            "model": name,
+            "params": params,
+            "repeats": args.repeats,
+            "max_rows": args.max_rows,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
+        "mixed": mixed,
+    }
+    print(
+        f"{name} ({params / 1e6:.2f}M params) on {report['meta']['cpu']}, servers of "
+        f"{args.server_threads} thread(s); 1-min load average {load_start[0]:.1f} -> "
+        f"{load_end[0]:.1f}"
     )
     write_report(report, args.out)
     print(f"wrote {args.out}")

@@ -11,6 +11,7 @@ import torch
 
 from minimind.infer import GenerationConfig, generate
 from minimind.infer.batcher import Batcher, QueueFull
+from minimind.infer.prefix_cache import PrefixCache
 from minimind.infer.sampling import choose
 from minimind.model import MiniMindForCausalLM, preset
 
@@ -48,7 +49,7 @@ def run(batcher: Batcher, schedule, on_step=None) -> list[Collect]:
     while step <= max(s[0] for s in schedule) or not batcher.idle:
         for (at, prompt, cfg), sink in zip(schedule, sinks):
             if at == step:
-                batcher.submit(prompt, cfg, sink)
+                sink.request = batcher.submit(prompt, cfg, sink)
         batcher.step()
         if on_step is not None:
             on_step(batcher)
@@ -89,13 +90,24 @@ PATTERNS = {
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("rows", [3, 16])
-def test_requests_decode_as_alone(model, pattern, rows):
+@pytest.mark.parametrize("waste", [4096, 0])
+def test_requests_decode_as_alone(model, pattern, rows, waste):
+    # waste 0: every admission opens a cache group while fewer than 3 run, then joins the
+    # group that wastes least, so rows decode across several groups and are merged into them
     schedule = PATTERNS[pattern]
-    batcher = Batcher(model, max_rows=rows, growth=4)
-    peak = []
-    sinks = run(batcher, schedule, on_step=lambda b: peak.append(b.stats()["running"]))
+    batcher = Batcher(model, max_rows=rows, growth=4, group_waste=waste, max_groups=3)
+    peak, groups = [], []
+
+    def check(b):
+        peak.append(b.stats()["running"])
+        groups.append(b.stats()["cache_groups"])
+
+    sinks = run(batcher, schedule, on_step=check)
     assert_alone(model, schedule, sinks)
     assert 2 <= max(peak) <= rows  # rows really shared steps, never more than max_rows
+    assert max(groups) <= 3
+    if not waste and pattern in ("staggered", "late"):  # arrivals into running rows
+        assert max(groups) >= 2
     assert batcher.stats()["tokens"] == sum(len(s.tokens) for s in sinks)
 
 
@@ -234,3 +246,171 @@ def test_sampling_draws_each_token_with_its_probability():
     tok = choose(logits, 0.5, generator=torch.Generator().manual_seed(1))
     want = p**2 / (p**2).sum()
     torch.testing.assert_close(torch.bincount(tok, minlength=5) / len(tok), want, atol=0.01, rtol=0)
+
+
+# --- chunked prefill and prefix sharing -----------------------------------------------------
+
+LONG = [(7 * i + 3) % 500 + 1 for i in range(70)]  # a prompt many chunks long
+SYSTEM = [(11 * i + 5) % 500 + 1 for i in range(40)]  # a shared prefix: two full blocks and more
+
+
+SCHEDULE_LONG = [
+    (0, PROMPTS[0], GenerationConfig(max_new_tokens=120, temperature=0, stop_token_ids=())),
+    (0, PROMPTS[2], sampled(1)),
+    (2, LONG, GREEDY),
+    (3, LONG[5:50], sampled(2)),
+    (3, PROMPTS[3], GREEDY),
+    (4, [9, 8, 7, *LONG], GREEDY),
+]
+
+
+@pytest.mark.parametrize("chunk", [4, 13, None])
+def test_chunked_prefill_decodes_as_whole_and_bounds_each_step(model, chunk):
+    # Long prompts arrive while rows decode, short ones behind them: every row decodes what it
+    # decodes alone (so what an unchunked prefill gives it, chunk None), each step with rows
+    # decoding prefills at most `chunk` prompt tokens, and the running rows get a token every
+    # step while a long prompt is prefilled. A long prompt gets a cache group of its own (the
+    # short rows do not attend over its length), which goes when it finishes.
+    batcher = Batcher(model, max_rows=8, growth=4, prefill_chunk=chunk, group_waste=16)
+    before = {"prefill_tokens": 0, "tokens": 0, "running": 0}
+    during = []  # per step with a chunked prompt in progress: did every running row decode?
+
+    def check(b):
+        s = b.stats()
+        if chunk and before["running"]:  # the background row runs to the end
+            assert s["prefill_tokens"] - before["prefill_tokens"] <= chunk
+        if s["prefilling"] and before["running"]:
+            during.append(s["tokens"] - before["tokens"] >= before["running"])
+        before.update(s)
+
+    groups = []
+    sinks = run(
+        batcher,
+        SCHEDULE_LONG,
+        on_step=lambda b: (check(b), groups.append(b.stats()["cache_groups"])),
+    )
+    assert_alone(model, SCHEDULE_LONG, sinks)
+    assert max(groups) >= 2 and groups[-1] == 0
+    if chunk:
+        assert len(during) > 5 and all(during)
+        assert batcher.stats()["prefill_chunks"] >= 2 * len(LONG) // chunk
+    else:
+        assert not during and batcher.stats()["prefill_chunks"] == 0
+
+
+def test_no_chunking_without_rows_to_protect(model):
+    # With no row decoding, a long prompt is prefilled whole: chunks would only delay it.
+    batcher = Batcher(model, prefill_chunk=4)
+    sinks = run(batcher, [(0, LONG, GREEDY)])
+    assert_alone(model, [(0, LONG, GREEDY)], sinks)
+    assert batcher.stats()["prefill_chunks"] == 0
+
+
+def test_n_choices_share_one_prefill(model):
+    # The n choices of one request wait one after another with the same prompt: one prefill,
+    # its cache row copied per choice; each choice still decodes as alone (greedy and seeded).
+    # With share_prompts off each choice prefills the prompt itself, to the same tokens.
+    cfgs = [GREEDY, sampled(3), sampled(4), GREEDY]
+    for chunk in (None, 8):
+        for share in (True, False):
+            batcher = Batcher(model, max_rows=8, prefill_chunk=chunk, share_prompts=share)
+            schedule = [(0, PROMPTS[0], GREEDY)] + [(1, LONG, c) for c in cfgs]
+            sinks = run(batcher, schedule)
+            assert_alone(model, schedule, sinks)
+            copies = 1 if share else len(cfgs)
+            assert batcher.stats()["prefill_tokens"] == len(PROMPTS[0]) + copies * len(LONG)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prefix_cache_serves_a_shared_prefix(model, chunk):
+    # Prompts that share SYSTEM decode as alone; after the first, each reads the whole blocks
+    # of SYSTEM from the cache (request.cached), whether prefilled whole or in chunks.
+    tails = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [2]]
+    schedule = [(3 * i, SYSTEM + t, GREEDY if i % 2 else sampled(i)) for i, t in enumerate(tails)]
+    batcher = Batcher(model, max_rows=4, prefill_chunk=chunk, prefix_cache_tokens=256)
+    sinks = run(batcher, schedule)
+    assert_alone(model, schedule, sinks)
+    assert [s.request.cached for s in sinks] == [0, 32, 32, 32]
+    s = batcher.stats()
+    assert s["cached_tokens"] == 96
+    assert s["prefill_tokens"] == sum(len(p) for _, p, _ in schedule) - 96
+    # the third prompt is 56 tokens: three whole blocks cached, the longest prompt so far
+    assert s["prefix_cache_tokens"] == 48
+
+
+def test_prefix_cache_off_and_short_prompts(model):
+    # The last prompt token is always fed (its logits choose the first token), so a prompt of
+    # exactly one block reads at most 15 tokens from the cache; without the cache none.
+    batcher = Batcher(model, prefix_cache_tokens=64)
+    block = SYSTEM[:16]
+    reqs = [batcher.submit(block, GREEDY, Collect()) for _ in range(1)]
+    while not batcher.idle:
+        batcher.step()
+    reqs.append(batcher.submit(block, GREEDY, Collect()))
+    while not batcher.idle:
+        batcher.step()
+    assert [r.cached for r in reqs] == [0, 15]
+    off = Batcher(model)
+    assert "prefix_cache_tokens" not in off.stats()
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        Batcher(model, prefix_cache_tokens=-1)
+
+
+def test_prefix_cache_lru_keeps_prefixes_whole_and_bounded():
+    # kv (layers 1, 2, K 1, L, D 1) whose value at slot i is i + 100 * prompt: a slice shows
+    # which prompt and slots it came from.
+    def kv(prompt_id, n):
+        return (
+            (torch.arange(n, dtype=torch.float32) + 100 * prompt_id)
+            .view(1, 1, 1, n, 1)
+            .expand(1, 2, 1, n, 1)
+        )
+
+    a, b, c = [1] * 16 + [2] * 16 + [3] * 5, [1] * 16 + [4] * 16, [5] * 32
+    cache = PrefixCache(max_tokens=64, block=16)
+    assert cache.put(a, kv(1, len(a))) == 2  # whole blocks only
+    assert cache.put(b, kv(2, len(b))) == 1  # its first block is a's
+    assert cache.tokens == 48 and cache.match(b) == 32 and cache.match(a, 20) == 20
+    got = cache.get(b, 20)  # b's first block from a, the rest from b
+    assert got[0, 0, 0, :, 0].tolist() == list(range(100, 116)) + list(range(216, 220))
+    assert cache.match([1] * 16 + [9] * 16) == 16 and cache.match([7] * 40) == 0
+    # c needs two blocks: the least recently used leaf goes first (a's second block: b was
+    # used later), never a block that still has children (the shared first block).
+    cache.put(c, kv(3, 32))
+    assert cache.tokens == 64 and cache.evicted == 1
+    assert cache.match(a) == 16 and cache.match(b) == 32 and cache.match(c) == 32
+    for prompt in ([6] * 48, [8] * 64, [9] * 200):  # bounded whatever is put
+        cache.put(prompt, kv(4, len(prompt)))
+        assert cache.tokens <= 64
+    assert cache.match([9] * 200) == 64  # a prompt longer than the cache keeps its start
+    assert PrefixCache(max_tokens=15).put(a, kv(1, len(a))) == 0  # less than a block: off
+
+
+def test_a_failing_chunk_fails_its_step_and_the_worker_goes_on(model):
+    # A chunk's forward raises: the chunked request and the rows of that step get "error" once
+    # each; the next request is served as usual.
+    forward = model.forward
+
+    def chunk_fails(ids, *a, **k):
+        if ids.shape == (1, 4):
+            raise RuntimeError("chunk boom")
+        return forward(ids, *a, **k)
+
+    batcher = Batcher(model, prefill_chunk=4).start()
+    running, long = Collect(), Collect()
+    cfg = GenerationConfig(max_new_tokens=200, temperature=0, stop_token_ids=())
+    batcher.submit(PROMPTS[0], cfg, running)
+    while not running.tokens:  # decoding: the long prompt will go in chunks
+        threading.Event().wait(0.001)
+    model.forward = chunk_fails
+    try:
+        batcher.submit(LONG, GREEDY, long)
+        assert long.done.wait(10) and running.done.wait(10)
+    finally:
+        del model.forward
+    assert (long.reason, running.reason) == ("error", "error")
+    again = Collect()
+    batcher.submit(LONG, GREEDY, again)
+    assert again.done.wait(10) and again.tokens == generate(model, [LONG], GREEDY)[0]
+    assert batcher.stats()["prefill_chunks"] == 0  # alone, LONG went whole
+    batcher.close()

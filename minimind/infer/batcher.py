@@ -8,11 +8,13 @@ chat layer sit above it); one worker thread owns the model, and callers talk to 
 
 A step (`Batcher.step`):
 1. drop running rows whose request was cancelled;
-2. decode: feed every running row its last token, one (R, 1) forward over the shared KV cache,
+2. decode: feed every running row its last token, one (R_g, 1) forward per cache group,
    choose each row's next token, hand it to the request's sink, drop finished rows;
-3. admit: take waiting requests up to `max_rows` running rows (and `max_prefill_tokens`
-   padded prompt tokens per step), prefill them together (left-padded), choose their first
-   token, and merge their cache rows into the running cache (`KVCache.merge`).
+3. admit: spend the step's prefill budget (`prefill_chunk` tokens with chunking on, else
+   `max_prefill_tokens`): first the next chunk of the prompt being prefilled in chunks, then
+   waiting requests up to `max_rows` rows, prefilled together (left-padded, each after the
+   prefix the prefix cache holds of it); a request whose prompt is complete chooses its first
+   token and its cache row joins a cache group (`KVCache.merge`) or starts one.
 
 Design decisions:
 - Exactness. Each request keeps its own `TokenChooser` (generation.py): its penalty state and
@@ -23,15 +25,35 @@ Design decisions:
   are chosen in groups: one argmax for the greedy ones, one softmax and argmax for the sampled
   ones of equal settings, each row with its own uniform draw (sampling.choose samples by
   inverse transform), so sampling costs one tiny draw per row, not a processor chain.
-- One cache, left-padded: every row's slots end at the cache's last slot, so a step is one
-  (R, 1) forward. New rows are prefilled in their own cache and merged in right-aligned; the
-  merge also trims the slots no running row uses. Memory is bounded by `max_rows` x (the
-  longest row + `growth` slots): capacity grows in `growth`-slot chunks (a merge of the cache
-  with itself) instead of being reserved for the whole context, and a drop that leaves
-  `growth` or more dead slots on the left trims them.
+- Few caches, left-padded: the running rows sit in at most `max_groups` (4) KV caches of
+  rows of similar length; in each, every row's slots end at the cache's last slot, so a step
+  is one (R_g, 1) forward per group. New rows are prefilled in their own cache and merged
+  right-aligned into the group where that pads least, or, when any merge would add more than
+  `group_waste` rows x slots of padding, start a group: a 1,500-token prompt joining 16 short
+  rows would otherwise make every one of them attend over 1,500 slots (3x the step on the
+  demo model) and cost a copy of all of them at its join and again at its drop; alone it is
+  one more small forward per step, and its group just goes when it finishes. A group's memory
+  is bounded by its rows x (its longest row + `growth` slots): capacity grows in `growth`-slot
+  chunks instead of being reserved for the whole context, and a drop copies only the kept
+  rows' window (`KVCache.select`), trimming the slots nobody holds any more.
 - Prefill and decode alternate within one step rather than running concurrently: on CPU both
-  compete for the same cores, and a bounded prefill (`max_prefill_tokens`) keeps the pause it
-  causes to running streams bounded too.
+  compete for the same cores, and a bounded prefill keeps the pause it causes to running
+  streams bounded too. Without chunking a prompt is prefilled whole in one step, however long
+  (a 1,500-token prompt stalls every stream for its whole prefill); with `prefill_chunk` C a
+  prompt longer than the step's budget is prefilled C tokens per step into its own one-row
+  cache (at most one such prompt at a time, first come first served; shorter prompts behind
+  it still join with what is left of the budget), so a step costs one decode plus at most C
+  prompt tokens, the stall Sarathi-Serve (Agrawal et al. 2024) and vLLM's chunked prefill
+  bound the same way. Chunks attend to the cache like any later token (positions from
+  `seen`), so the rows decode what an unchunked prefill gives them (tested).
+- Prefix sharing. Requests waiting with the same prompt (the `n` choices of one API request)
+  are one prefill: its cache row is copied into one row per choice (`reorder` with repeated
+  indices), each with its own chooser. With `prefix_cache_tokens`, every prefilled prompt's
+  keys/values are offered to a bounded LRU `PrefixCache` (prefix_cache.py) in 16-token
+  blocks, and a new prompt starts from the longest cached prefix of it (a shared system
+  prompt, an earlier turn of the conversation), at least its last token fed; `Request.cached`
+  says how many tokens came from the cache (the server's `cached_tokens`). `share_prompts`
+  False turns the sharing of equal prompts off (bench/serve.py --mixed measures both sides).
 - Back-pressure, not unbounded buffering: `submit` raises `QueueFull` when `max_waiting`
   requests already wait; the server turns that into HTTP 429.
 - A sink is called from the worker thread and must not block (the server's hands the token to
@@ -52,6 +74,7 @@ import torch
 from minimind.model import KVCache, MiniMindForCausalLM
 
 from .generation import GenerationConfig, TokenChooser, left_pad, stop_token_ids
+from .prefix_cache import PrefixCache
 from .sampling import choose
 
 log = logging.getLogger(__name__)
@@ -62,7 +85,19 @@ log = logging.getLogger(__name__)
 Sink = Callable[[int | None, str | None], None]
 
 
-COUNTERS = ("steps", "tokens", "admitted", "finished", "cancelled")  # totals since start
+# Totals since start. prefill_tokens: prompt tokens run through the model (once per prompt of
+# a request's n choices; cached prefixes not counted); cached_tokens: prompt tokens read from the
+# prefix cache instead; prefill_chunks: forwards of a chunked prompt.
+COUNTERS = (
+    "steps",
+    "tokens",
+    "admitted",
+    "finished",
+    "cancelled",
+    "prefill_tokens",
+    "cached_tokens",
+    "prefill_chunks",
+)
 
 
 class QueueFull(RuntimeError):
@@ -79,7 +114,13 @@ class Request:
     budget: int  # new tokens at most: max_new_tokens, capped by the room left in the context
     cancelled: bool = False
     error: BaseException | None = None
+    cached: int = 0  # prompt tokens read from the prefix cache, set when it joins the batch
+    closed: bool = False  # its sink has had its last call
     _batcher: Batcher | None = field(default=None, repr=False)
+    key: tuple[int, ...] = field(default=(), repr=False)  # the prompt, hashable
+
+    def __post_init__(self):
+        self.key = tuple(self.prompt)
 
     def cancel(self) -> None:
         """Stop generating for this request (thread-safe). A waiting request leaves the queue
@@ -100,6 +141,28 @@ class _Row:
     generated: int = 0
 
 
+@dataclass(eq=False)
+class _Group:
+    """Running rows that share one left-padded KV cache: cache row j is rows[j]."""
+
+    rows: list[_Row]
+    cache: KVCache
+    last: torch.Tensor  # (R,) long: each row's newest, unfed token
+
+
+@dataclass(eq=False)
+class _Job:
+    """One prompt to prefill and the requests it serves (the n choices of an API request share
+    one): what the prefix cache holds of it, and a chunked prefill's cache and progress."""
+
+    prompt: list[int]
+    key: tuple[int, ...]
+    cached: int = 0  # prompt tokens read from the prefix cache
+    requests: list[Request] = field(default_factory=list)
+    cache: KVCache | None = None  # chunked: its own one-row cache, between chunks
+    done: int = 0  # chunked: prompt tokens in `cache`
+
+
 class Batcher:
     """The continuous-batching scheduler over one model (see the module docstring).
 
@@ -116,16 +179,27 @@ class Batcher:
         max_len: int | None = None,
         max_prefill_tokens: int = 4096,
         growth: int = 128,
+        prefill_chunk: int | None = None,
+        prefix_cache_tokens: int = 0,
+        share_prompts: bool = True,
+        max_groups: int = 4,
+        group_waste: int = 4096,
     ):
         if max_rows < 1 or max_waiting < 0 or growth < 1 or max_prefill_tokens < 1:
             raise ValueError(
                 "max_rows, growth and max_prefill_tokens must be >= 1, max_waiting >= 0"
             )
+        if (prefill_chunk is not None and prefill_chunk < 0) or prefix_cache_tokens < 0:
+            raise ValueError("prefill_chunk and prefix_cache_tokens must be >= 0 (0: off)")
         self.model = model
         self.max_rows, self.max_waiting = max_rows, max_waiting
         ctx = model.config.max_position_embeddings
         self.max_len = min(max_len or ctx, ctx)
         self.max_prefill_tokens, self.growth = max_prefill_tokens, growth
+        self.prefill_chunk = prefill_chunk or None  # None: every prompt prefilled whole
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.share_prompts = share_prompts  # False: every request prefills its own prompt
+        self.max_groups, self.group_waste = max(1, max_groups), group_waste
         self.device = next(model.parameters()).device
 
         self._waiting: collections.deque[Request] = collections.deque()
@@ -133,9 +207,8 @@ class Batcher:
         self._closed = False
         self._thread: threading.Thread | None = None
         # Owned by whoever runs `step` (the worker thread once started):
-        self._rows: list[_Row] = []  # cache row j is self._rows[j]
-        self._cache: KVCache | None = None
-        self._last: torch.Tensor | None = None  # (R,) long: each row's newest, unfed token
+        self._groups: list[_Group] = []  # the running rows, by cache
+        self._partial: _Job | None = None  # the prompt being prefilled chunk by chunk
         self.counters = collections.Counter()  # COUNTERS
 
     # --- the caller's side ------------------------------------------------------------------
@@ -171,20 +244,29 @@ class Batcher:
                 pass  # running (dropped at the next step) or finished
 
     @property
+    def _rows(self) -> list[_Row]:
+        """The running rows, group after group (the order of a step's logits)."""
+        return [row for group in self._groups for row in group.rows]
+
+    @property
     def idle(self) -> bool:
-        return not self._rows and not self._waiting
+        return not self._groups and not self._waiting and self._partial is None
 
     def stats(self) -> dict[str, int]:
         """Running rows, waiting requests, cache slots in use and allocated, and counters."""
-        cache = self._cache
+        groups, partial = self._groups, self._partial
         return {
-            "running": len(self._rows),
+            "running": sum(len(g.rows) for g in groups),
             "waiting": len(self._waiting),
+            "prefilling": 0 if partial is None else len(partial.requests),
             "max_rows": self.max_rows,
             "max_waiting": self.max_waiting,
-            "cache_length": 0 if cache is None else cache.length,
-            "cache_capacity": 0 if cache is None else cache.max_len,
+            "cache_groups": len(groups),
+            "cache_length": max((g.cache.length for g in groups), default=0),
+            "cache_capacity": max((g.cache.max_len for g in groups), default=0),
+            "cache_slots": sum(g.cache.batch_size * g.cache.max_len for g in groups),
             **{k: self.counters[k] for k in COUNTERS},
+            **({} if self.prefix_cache is None else self.prefix_cache.stats()),
         }
 
     # --- the worker thread ------------------------------------------------------------------
@@ -204,8 +286,9 @@ class Batcher:
             self._thread.join(timeout)
         with self._cond:
             left = [row.request for row in self._rows] + list(self._waiting)
+            left += [] if self._partial is None else self._partial.requests
             self._waiting.clear()
-        self._rows, self._cache, self._last = [], None, None
+        self._groups, self._partial = [], None
         for request in left:
             request.error = RuntimeError("the server is shutting down")
             self._send(request, None, "error")
@@ -224,8 +307,10 @@ class Batcher:
                 self._fail_running(exc)
 
     def _fail_running(self, exc: BaseException) -> None:
-        rows, self._rows, self._cache, self._last = self._rows, [], None, None
+        rows, self._groups = self._rows, []
         for row in rows:
+            if row.request.closed:
+                continue  # failed already, with the admission that raised
             row.request.error = exc
             self._send(row.request, None, "error")
 
@@ -233,63 +318,225 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step: drop cancelled rows, decode one token for every running row,
-        admit and prefill waiting requests."""
-        cancelled = [j for j, row in enumerate(self._rows) if row.request.cancelled]
-        self.counters["cancelled"] += len(cancelled)
-        self._drop(cancelled)
-        if self._rows:
+        prefill within the step's budget and admit the requests whose prompt is complete."""
+        for group in list(self._groups):
+            cancelled = [j for j, row in enumerate(group.rows) if row.request.cancelled]
+            self.counters["cancelled"] += len(cancelled)
+            self._drop(group, cancelled)
+        if self._partial is not None and all(r.cancelled for r in self._partial.requests):
+            self.counters["cancelled"] += len(self._partial.requests)
+            self._partial = None  # nobody waits for this prompt any more
+        if self._groups:
             self._decode()
         self._admit()
         self.counters["steps"] += 1
 
     def _decode(self) -> None:
-        cache = self._cache
-        if cache.length + 1 > cache.max_len:
-            cache = self._cache = KVCache.merge([cache], self._capacity(cache.used()))
-        logits = self.model(self._last[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-        self._last = self._choose(logits, self._rows)
-        self._drop(self._emit(self._rows, self._last))
+        """One token for every running row: one (R_g, 1) forward per group, one choice over
+        all rows (grouped sampling works across groups)."""
+        logits = []
+        for group in self._groups:
+            cache = group.cache
+            if cache.length + 1 > cache.max_len:  # grow by `growth` slots (and trim)
+                cache = group.cache = cache.select(
+                    torch.arange(cache.batch_size, device=self.device),
+                    self._capacity(0, group.rows),
+                )
+            out = self.model(group.last[:, None], cache=cache, logits_to_keep=1)
+            logits.append(out.logits[:, -1])
+        rows = self._rows
+        tokens = self._choose(torch.cat(logits), rows)
+        finished = set(self._emit(rows, tokens))
+        start = 0
+        for group in list(self._groups):
+            n = len(group.rows)
+            group.last = tokens[start : start + n]
+            self._drop(group, [j for j in range(n) if start + j in finished])
+            start += n
 
+    # --- admission: prefill (whole, chunked, or from the prefix cache) ------------------------
     def _admit(self) -> None:
-        batch: list[Request] = []
-        with self._cond:
-            while self._waiting and len(self._rows) + len(batch) < self.max_rows:
-                longest = max([len(r.prompt) for r in batch] + [len(self._waiting[0].prompt)])
-                if batch and longest * (len(batch) + 1) > self.max_prefill_tokens:
-                    break  # the padded prefill would exceed its budget; next step
-                batch.append(self._waiting.popleft())
-        if not batch:
-            return
-        self.counters["admitted"] += len(batch)
-        mcfg = self.model.config
-        done: set[int] = set()
+        """Spend this step's prefill budget: first the chunked prompt in progress, then new
+        requests from the queue; rows whose prompt is complete join the running batch. The
+        chunk bounds a step only while rows decode: with none, chunking would only delay."""
+        budget = self.max_prefill_tokens
+        if self.prefill_chunk and self._groups:
+            budget = self.prefill_chunk
+        ready: list[tuple[KVCache, list[_Job], torch.Tensor]] = []  # (cache, its jobs, logits)
+        jobs: list[_Job] = []
         try:
-            prompts = [r.prompt for r in batch]
-            ids, mask = left_pad(prompts, mcfg.pad_token_id, mcfg.vocab_size, self.device)
-            fresh = self.model.new_cache(len(batch), ids.shape[1])
-            logits = self.model(ids, attention_mask=mask, cache=fresh, logits_to_keep=1).logits
-            rows = [self._new_row(r) for r in batch]
-            first = self._choose(logits[:, -1], rows)
-            done.update(self._emit(rows, first))
-            keep = [j for j in range(len(rows)) if j not in done]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                fresh.reorder(index)
-                first = first[index]
-            rows = [rows[j] for j in keep]
-            caches = [fresh] if self._cache is None else [self._cache, fresh]
-            used = max(c.used() for c in caches)
-            self._cache = KVCache.merge(caches, self._capacity(used, self._rows + rows))
+            job = self._partial
+            if job is not None:
+                take = min(budget, len(job.prompt) - job.done)
+                logits = self._feed(job, take)
+                budget -= take
+                if job.done == len(job.prompt):
+                    self._partial = None
+                    ready.append((job.cache, [job], logits))
+            jobs = self._take(budget)
+            if jobs:
+                ready.append(self._prefill(jobs))
+            if ready:
+                self._join(ready)
         except Exception as exc:  # fail the new requests; the caller fails the running ones
-            for j, request in enumerate(batch):
-                if j not in done:
+            failed = [r for _, group, _ in ready for j in group for r in j.requests]
+            failed += [r for j in jobs for r in j.requests]
+            if self._partial is not None:
+                failed += self._partial.requests
+                self._partial = None
+            for request in dict.fromkeys(failed):  # once each, in order
+                if not request.closed:
                     request.error = exc
                     self._send(request, None, "error")
             raise
-        self._rows = self._rows + rows
-        self._last = first if self._last is None else torch.cat([self._last, first])
+
+    def _take(self, budget: int) -> list[_Job]:
+        """Waiting requests -> the jobs to prefill whole in this step, within `budget` padded
+        prompt tokens and the free rows. Requests with the same prompt (the n choices of one
+        API request) share one job. The queue's head is always considered first: if it does
+        not fit, it is prefilled whole alone (chunking off) or starts the chunked prefill, which
+        takes the step's budget (chunking on; one chunked prompt at a time). Requests further
+        back that do not fit keep their place while those behind them that fit are taken, so
+        short prompts pass a long one waiting for the chunked prefill to free up."""
+        if budget <= 0:
+            return []
+        jobs: list[_Job] = []
+        by_key: dict[tuple[int, ...], _Job] = {}  # with share_prompts: a prompt's job
+        partial = self._partial
+        free = self.max_rows - len(self._rows) - (len(partial.requests) if partial else 0)
+        longest, left, taken = 0, budget, []
+        with self._cond:
+            for i, request in enumerate(self._waiting):
+                if free <= 0 or i >= 2 * self.max_rows:  # a bounded look past the head
+                    break
+                key = request.key
+                job = by_key.get(key) if self.share_prompts else None
+                if job is None and self.share_prompts and partial and key == partial.key:
+                    job = partial  # the same prompt as the chunked prefill: it serves both
+                if job is None:
+                    cached = self._match(request.prompt)
+                    rest = max(longest, len(request.prompt) - cached)
+                    if rest * (len(jobs) + 1) <= left or (i == 0 and not self.prefill_chunk):
+                        longest = rest
+                        job = by_key[key] = _Job(request.prompt, key, cached)
+                        jobs.append(job)
+                    elif i == 0 and partial is None:
+                        partial = self._partial = job = _Job(request.prompt, key, cached)
+                        left = 0  # its first chunk takes the step's budget
+                    else:
+                        continue  # keeps its place in the queue
+                job.requests.append(request)
+                taken.append(i)
+                free -= 1
+            for i in reversed(taken):
+                del self._waiting[i]
+        self.counters["admitted"] += len(taken)
+        if partial is not None and partial.cache is None:
+            self._feed(partial, budget)  # a chunked prefill starts in the step that takes it
+        return jobs
+
+    def _match(self, prompt: list[int]) -> int:
+        """Prompt tokens the prefix cache can serve; at least one token is left to feed."""
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.match(prompt, len(prompt) - 1)
+
+    def _prefix(self, job: _Job) -> torch.Tensor | None:
+        if not job.cached:
+            return None
+        self.counters["cached_tokens"] += job.cached
+        return self.prefix_cache.get(job.prompt, job.cached)
+
+    def _remember(self, job: _Job, cache: KVCache, row: int) -> None:
+        """Offer a prefilled prompt's keys/values to the prefix cache."""
+        if self.prefix_cache is not None and len(job.prompt) >= self.prefix_cache.block:
+            self.prefix_cache.put(job.prompt, cache.row_slots(row))
+
+    def _feed(self, job: _Job, tokens: int) -> torch.Tensor | None:
+        """The next `tokens` prompt tokens of a chunked job into its own cache -> the last
+        position's logits (1, V), or None when nothing was fed."""
+        if job.cache is None:  # its first chunk: a cache sized for the prompt, prefix loaded
+            job.cache = self.model.new_cache(1, len(job.prompt))
+            job.cache.load_prefixes([self._prefix(job)])
+            job.done = job.cached
+        tokens = min(tokens, len(job.prompt) - job.done)
+        if tokens <= 0:
+            return None
+        ids = torch.tensor([job.prompt[job.done : job.done + tokens]], device=self.device)
+        logits = self.model(ids, cache=job.cache, logits_to_keep=1).logits[:, -1]
+        job.done += tokens
+        self.counters["prefill_tokens"] += tokens
+        self.counters["prefill_chunks"] += 1
+        if job.done == len(job.prompt):
+            self._remember(job, job.cache, 0)
+        return logits
+
+    def _prefill(self, jobs: list[_Job]) -> tuple[KVCache, list[_Job], torch.Tensor]:
+        """Whole prompts in one left-padded forward, each after its cached prefix."""
+        mcfg = self.model.config
+        prefixes = [self._prefix(job) for job in jobs]
+        rests = [job.prompt[job.cached :] for job in jobs]
+        ids, mask = left_pad(rests, mcfg.pad_token_id, mcfg.vocab_size, self.device)
+        fresh = self.model.new_cache(len(jobs), max(j.cached for j in jobs) + ids.shape[1])
+        fresh.load_prefixes(prefixes)
+        logits = self.model(ids, attention_mask=mask, cache=fresh, logits_to_keep=1).logits
+        self.counters["prefill_tokens"] += sum(map(len, rests))
+        for j, job in enumerate(jobs):
+            self._remember(job, fresh, j)
+        return fresh, jobs, logits[:, -1]
+
+    def _join(self, ready: list[tuple[KVCache, list[_Job], torch.Tensor]]) -> None:
+        """Prefilled jobs -> running rows: each request chooses its first token from its job's
+        logits; a job's cache row is copied once per request still running (an index that
+        repeats: the n choices share one prefill) into a cache group (`_place`)."""
+        caches, rows, firsts = [], [], []
+        for cache, jobs, logits in ready:
+            owner = [j for j, job in enumerate(jobs) for r in job.requests if not r.cancelled]
+            new = [self._new_row(r) for job in jobs for r in job.requests if not r.cancelled]
+            for job in jobs:
+                for request in job.requests:
+                    request.cached = job.cached
+            self.counters["cancelled"] += sum(len(job.requests) for job in jobs) - len(new)
+            if not new:
+                continue
+            index = torch.tensor(owner, device=self.device)
+            first = self._choose(logits[index], new)
+            done = set(self._emit(new, first))
+            keep = [i for i in range(len(new)) if i not in done]
+            if not keep:
+                continue
+            caches.append((cache, index[keep]))
+            rows.append([new[i] for i in keep])
+            firsts.append(first[keep])
+        for (cache, index), new, first in zip(caches, rows, firsts):
+            self._place(cache, index, new, first)
+
+    def _place(
+        self, cache: KVCache, index: torch.Tensor, rows: list[_Row], first: torch.Tensor
+    ) -> None:
+        """New rows (cache rows `index` of their prefill's cache; an index repeats for the
+        choices that share a prompt) join the group where merging them wastes the fewest
+        padded slots, or start a group of their own when every merge would waste more than
+        `group_waste` (rows x slots: a long prompt among short rows) and fewer than
+        `max_groups` groups run. Each group is one forward per step: fewer groups, less
+        per-step overhead; more, less attention over padding."""
+        used = cache.used()
+        best, waste = None, 0
+        for group in self._groups:
+            g_used, g_rows = group.cache.used(), group.cache.batch_size
+            top = max(used, g_used)
+            w = g_rows * (top - g_used) + len(rows) * (top - used)
+            if best is None or w < waste:
+                best, waste = group, w
+        if best is None or (waste > self.group_waste and len(self._groups) < self.max_groups):
+            extra = self._capacity(0, rows)  # room ahead, as a merge would give
+            self._groups.append(_Group(rows, cache.select(index, extra), first))
+            return
+        cache.reorder(index)
+        top = max(used, best.cache.used())
+        best.cache = KVCache.merge([best.cache, cache], self._capacity(top, best.rows + rows))
+        best.rows = best.rows + rows
+        best.last = torch.cat([best.last, first])
 
     def _new_row(self, request: Request) -> _Row:
         mcfg = self.model.config
@@ -298,10 +545,9 @@ class Batcher:
         chooser = TokenChooser(request.config, prompt, None, mcfg.vocab_size, stops)
         return _Row(request, chooser, frozenset(stops))
 
-    def _capacity(self, used: int, rows: Sequence[_Row] | None = None) -> int:
+    def _capacity(self, used: int, rows: Sequence[_Row]) -> int:
         """Slots to allocate for a window of `used` slots: `growth` more, or fewer when no row
         can need them (each row needs one slot per token it may still feed)."""
-        rows = self._rows if rows is None else rows
         ahead = max((row.request.budget - row.generated for row in rows), default=1)
         return used + max(1, min(self.growth, ahead))
 
@@ -360,6 +606,7 @@ class Batcher:
     def _send(self, request: Request, token: int | None, reason: str | None) -> bool:
         """Call the request's sink; a sink that raises cancels its request."""
         try:
+            request.closed = reason is not None
             request.sink(token, reason)
             return True
         except Exception:
@@ -367,19 +614,17 @@ class Batcher:
             request.cancelled = True
             return False
 
-    def _drop(self, finished: list[int]) -> None:
-        """Remove rows `finished` (indices into self._rows) from the batch and the cache."""
+    def _drop(self, group: _Group, finished: list[int]) -> None:
+        """Remove rows `finished` (indices into group.rows) from the group and its cache,
+        trimming the slots no kept row holds; an emptied group goes."""
         if not finished:
             return
         gone = set(finished)
-        keep = [j for j in range(len(self._rows)) if j not in gone]
-        self._rows = [self._rows[j] for j in keep]
+        keep = [j for j in range(len(group.rows)) if j not in gone]
         if not keep:
-            self._cache = self._last = None
+            self._groups.remove(group)
             return
+        group.rows = [group.rows[j] for j in keep]
         index = torch.tensor(keep, device=self.device)
-        self._cache.reorder(index)
-        self._last = self._last[index]
-        used = self._cache.used()
-        if self._cache.length - used >= self.growth:  # trim the dead slots on the left
-            self._cache = KVCache.merge([self._cache], self._capacity(used))
+        group.last = group.last[index]
+        group.cache = group.cache.select(index, group.cache.max_len - group.cache.length)

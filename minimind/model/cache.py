@@ -149,6 +149,73 @@ class KVCache:
         held = self.valid[:, : self.length].any(0)  # (length,): does any row hold slot i?
         return self.length - int(held.int().argmax()) if bool(held.any()) else 0
 
+    def row_slots(self, row: int) -> torch.Tensor:
+        """Row `row`'s keys/values over the slots it holds, in order: (layers, 2, K, n, D),
+        a copy (n = its valid slots; for a prompt just prefilled, the prompt's keys/values).
+        """
+        held = self.valid[row, : self.length].nonzero().squeeze(1)
+        return torch.stack(
+            [torch.stack([lc.k[row][:, held], lc.v[row][:, held]]) for lc in self.layers]
+        )
+
+    def select(self, index: torch.Tensor, extra: int) -> KVCache:
+        """Rows `index` (LongTensor) in a new cache of only the slots they use plus `extra`
+        free ones: dropping finished rows and trimming the slots nobody holds any more in one
+        copy of the kept window (`reorder` then `merge` copies the whole cache, then the
+        window). Positions (`seen`) are kept, so the rows decode exactly as before."""
+        length = self.length
+        valid = self.valid[index, :length]
+        held = valid.any(0)
+        used = length - int(held.int().argmax()) if bool(held.any()) else 0
+        first = self.layers[0].k
+        out = type(self)(
+            len(self.layers),
+            len(index),
+            first.shape[1],
+            first.shape[3],
+            used + extra,
+            device=first.device,
+            dtype=first.dtype,
+        )
+        window = slice(length - used, length)
+        for dst, src in zip(out.layers, self.layers):
+            dst.k[:, :, :used] = src.k[index, :, window]
+            dst.v[:, :, :used] = src.v[index, :, window]
+        out.valid[:, :used] = valid[:, window]
+        out.seen.copy_(self.seen[index])
+        out.length = used
+        out.has_padding = not bool(out.valid[:, :used].all())
+        if isinstance(out, StaticKVCache):
+            out.slot.fill_(used)
+        return out
+
+    def load_prefixes(self, prefixes: Sequence[torch.Tensor | None]) -> None:
+        """Start an empty cache with each row's prefix keys/values already in it.
+
+        prefixes[j]: (layers, 2, K, m_j, D), the keys/values of a row's first m_j tokens
+        (`row_slots` of an earlier cache, or slices of them), or None for m_j = 0. They are
+        written right-aligned at slot L = max(m_j), as `merge` aligns rows, and each row's
+        `seen` becomes m_j, so the rest of its prompt is fed next at positions m_j, m_j + 1, ...
+        """
+        if self.length:
+            raise ValueError("load_prefixes needs an empty cache")
+        if len(prefixes) != self.batch_size:
+            raise ValueError(f"{len(prefixes)} prefixes for a cache of {self.batch_size} rows")
+        sizes = [0 if p is None else p.shape[3] for p in prefixes]
+        length = max(sizes)
+        if length > self.max_len:
+            raise ValueError(f"prefixes need {length} slots > max_len {self.max_len}")
+        for j, (p, m) in enumerate(zip(prefixes, sizes)):
+            if not m:
+                continue
+            for i, lc in enumerate(self.layers):
+                lc.k[j, :, length - m : length] = p[i, 0]
+                lc.v[j, :, length - m : length] = p[i, 1]
+            self.valid[j, length - m : length] = True
+            self.seen[j] = m
+        self.length = length
+        self.has_padding = min(sizes) < length
+
     @classmethod
     def merge(cls, caches: Sequence[KVCache], max_len: int) -> KVCache:
         """A new cache of capacity `max_len` holding the rows of `caches`, in order.

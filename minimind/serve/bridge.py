@@ -84,6 +84,11 @@ class Submission:
     async def events(self) -> list[Event]:
         return await self.channel.get()
 
+    def cached(self, n: int) -> int:
+        """Prompt tokens read from the prefix cache, summed over the prompts (each prompt's n
+        choices are consecutive requests; its first one's count: they share its prefill)."""
+        return sum(request.cached for request in self.requests[::n])
+
     def cancel(self, choice: int | None = None) -> None:
         """Stop one choice, or all: their rows leave the batch at the next step."""
         for request in self.requests if choice is None else [self.requests[choice]]:

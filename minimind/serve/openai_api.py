@@ -7,7 +7,11 @@ cache slots). Every error is OpenAI's JSON error shape (errors.py).
 
 Design decisions:
 - One model, one continuous batcher (minimind.infer.batcher) in its own thread; every choice
-  of every request is a row, so concurrent requests share decoding steps. The event loop only
+  of every request is a row, so concurrent requests share decoding steps. A long prompt is
+  prefilled `prefill_chunk` tokens per step between the running rows' decoding steps (their
+  streams keep their pace), the `n` choices of a prompt share one prefill, and a bounded LRU
+  prefix cache (`prefix_cache_tokens`) serves prompt prefixes seen before (a shared system
+  prompt, the earlier turns of a conversation). The event loop only
   parses, renders templates, detokenizes and writes; it never runs the model.
 - Bounded everywhere: at most `max_rows` rows decode together, at most `max_waiting` wait
   (then 429 with Retry-After), n <= 16, and a prompt plus its max_tokens must fit the context
@@ -36,8 +40,11 @@ Design decisions:
   chunks for clients that pay per chunk. On the 2 shared cores of bench/serve.py, 20 ms made no
   difference that rose above the run-to-run noise at 16 streams, so it is off by default.
 - `usage` counts prompt tokens once per prompt and every token generated (a final stop token
-  included). A stream carries it in a last chunk with empty choices when
-  `stream_options.include_usage` is true, as OpenAI does, and not at all otherwise.
+  included); `prompt_tokens_details.cached_tokens` (OpenAI's field) counts the prompt tokens
+  read from the batcher's prefix cache instead of prefilled (per prompt, its first choice's:
+  the choices of one prompt share its prefill). A stream carries it in a last chunk with empty
+  choices when `stream_options.include_usage` is true, as OpenAI does, and not at all
+  otherwise.
 - With `--api-key`, the /v1 routes need `Authorization: Bearer KEY` (401 otherwise); /health
   stays open for probes. The default bind address is 127.0.0.1.
 """
@@ -103,6 +110,14 @@ def _tool_call(call: dict, index: int) -> dict:
 
 
 MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more JSON than any context here holds
+# Prompt tokens prefilled per batcher step at most while rows decode (bench/serve.py --mixed: a
+# 1,500-token prompt then costs the running streams many short pauses instead of one long one).
+# 64 suits small models on CPU, where a 64-token chunk costs about one decoding step of 16 rows;
+# a GPU takes far larger chunks for the same pause.
+PREFILL_CHUNK = 64
+# Prefix cache bound in tokens: per token 2 x layers x kv_heads x head_dim values (2 KiB for
+# the demo model, 24 KiB for minimind2 in fp32: 8192 tokens are 16 and 192 MiB).
+PREFIX_CACHE_TOKENS = 8192
 
 
 class OpenAIServer:
@@ -247,7 +262,7 @@ class OpenAIServer:
         sub = Submission(self.batcher, [ids] * req.n, configs)
         meta = self._meta("chatcmpl", "chat.completion")
         if req.stream:
-            return self._stream(sub, choices, len(ids), req.include_usage, meta, True)
+            return self._stream(sub, choices, len(ids), req.include_usage, meta, True, req.n)
         await self._collect(request, sub, choices)
         return {
             **meta,
@@ -255,7 +270,7 @@ class OpenAIServer:
                 {"index": i, "message": self._message(c), "finish_reason": c.finish_reason}
                 for i, c in enumerate(choices)
             ],
-            "usage": self._usage(len(ids), choices),
+            "usage": self._usage(len(ids), choices, sub.cached(req.n)),
         }
 
     async def completions(self, request: Request):
@@ -275,7 +290,7 @@ class OpenAIServer:
         prompt_tokens = sum(len(p) for p in prompts[:: req.n])
         meta = self._meta("cmpl", "text_completion")
         if req.stream:
-            return self._stream(sub, choices, prompt_tokens, req.include_usage, meta, False)
+            return self._stream(sub, choices, prompt_tokens, req.include_usage, meta, False, req.n)
         await self._collect(request, sub, choices)
         return {
             **meta,
@@ -288,7 +303,7 @@ class OpenAIServer:
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": self._usage(prompt_tokens, choices),
+            "usage": self._usage(prompt_tokens, choices, sub.cached(req.n)),
         }
 
     # --- generation ---------------------------------------------------------------------------
@@ -361,12 +376,13 @@ class OpenAIServer:
         return message
 
     @staticmethod
-    def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    def _usage(prompt_tokens: int, choices: list[_Choice], cached: int) -> dict:
         completion = sum(c.reply.tokens for c in choices)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _stream(
@@ -377,6 +393,7 @@ class OpenAIServer:
         include_usage: bool,
         meta: dict,
         chat: bool,
+        n: int,
     ) -> StreamingResponse:
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
@@ -438,7 +455,7 @@ class OpenAIServer:
                             yield chunk(i, None, choices[i].finish_reason)
                     last = loop.time()
                 if include_usage:
-                    usage = self._usage(prompt_tokens, choices)
+                    usage = self._usage(prompt_tokens, choices, sub.cached(n))
                     yield f"data: {json.dumps({**meta, 'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when Starlette cancels us because the client went away
@@ -458,10 +475,22 @@ def create_app(
     stream_interval: float = 0.0,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_request_rows: int | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+    share_prompts: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving `loaded`; its batcher thread runs while the app is up
-    (`app.state.server.batcher`)."""
-    batcher = Batcher(loaded.model, max_rows=max_rows, max_waiting=max_waiting, max_len=max_len)
+    (`app.state.server.batcher`). prefill_chunk 0: prompts prefilled whole; prefix_cache_tokens
+    0: no prefix cache; share_prompts False: each of the n choices prefills the prompt itself."""
+    batcher = Batcher(
+        loaded.model,
+        max_rows=max_rows,
+        max_waiting=max_waiting,
+        max_len=max_len,
+        prefill_chunk=prefill_chunk,
+        prefix_cache_tokens=prefix_cache_tokens,
+        share_prompts=share_prompts,
+    )
     server = OpenAIServer(
         loaded, batcher, api_key, served_names, stream_interval, max_body_bytes, max_request_rows
     )
@@ -577,6 +606,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="generations (prompts x n) one request may queue (default: max_waiting // 8)",
     )
+    g.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prompt tokens prefilled per step at most: a longer prompt is prefilled in chunks "
+        "between the running streams' decoding steps. 0: every prompt whole, in one step",
+    )
+    g.add_argument(
+        "--prefix_cache_tokens",
+        type=int,
+        default=PREFIX_CACHE_TOKENS,
+        help="tokens of prompt-prefix keys/values kept for reuse across requests (LRU, in "
+        "16-token blocks; reported as usage.prompt_tokens_details.cached_tokens). 0: off",
+    )
+    g.add_argument(
+        "--no_prompt_sharing",
+        dest="share_prompts",
+        action="store_false",
+        help="each of a request's n choices prefills the prompt itself (for measuring what "
+        "sharing saves: bench/serve.py --mixed)",
+    )
     g.add_argument("--log_level", default="info")
     return p.parse_args(argv)
 
@@ -602,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         stream_interval=args.stream_interval,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_request_rows=args.max_request_rows,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        share_prompts=args.share_prompts,
     )
     print(f"serving {loaded.describe()} at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
