@@ -30,9 +30,10 @@ Design decisions:
   is one (R_g, 1) forward per group. New rows are prefilled in their own cache and merged
   right-aligned into the group where that pads least, or, when any merge would add more than
   `group_waste` rows x slots of padding, start a group: a 1,500-token prompt joining 16 short
-  rows would otherwise make every one of them attend over 1,500 slots (3x the step on the
-  demo model) and cost a copy of all of them at its join and again at its drop; alone it is
-  one more small forward per step, and its group just goes when it finishes. A group's memory
+  rows would otherwise make every one of them attend over 1,500 slots (a several times longer
+  step on the demo model: bench/RESULTS.md, "Mixed load") and cost a copy of all of them at
+  its join and again at its drop; alone it is one more small forward per step, and its group
+  just goes when it finishes. A group's memory
   is bounded by its rows x (its longest row + `growth` slots): capacity grows in `growth`-slot
   chunks instead of being reserved for the whole context, and a drop copies only the kept
   rows' window (`KVCache.select`), trimming the slots nobody holds any more.

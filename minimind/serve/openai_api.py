@@ -112,9 +112,10 @@ def _tool_call(call: dict, index: int) -> dict:
 MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more JSON than any context here holds
 # Prompt tokens prefilled per batcher step at most while rows decode (bench/serve.py --mixed: a
 # 1,500-token prompt then costs the running streams many short pauses instead of one long one).
-# 64 suits small models on CPU, where a 64-token chunk costs about one decoding step of 16 rows;
-# a GPU takes far larger chunks for the same pause.
-PREFILL_CHUNK = 64
+# 32 suits small models on CPU, where a 32-token chunk costs about one decoding step of 16 rows;
+# smaller chunks delay the long prompt's own first token more (the trade-off, measured at 32, 64
+# and 128: bench/RESULTS.md, "Mixed load"). A GPU takes far larger chunks for the same pause.
+PREFILL_CHUNK = 32
 # Prefix cache bound in tokens: per token 2 x layers x kv_heads x head_dim values (2 KiB for
 # the demo model, 24 KiB for minimind2 in fp32: 8192 tokens are 16 and 192 MiB).
 PREFIX_CACHE_TOKENS = 8192
