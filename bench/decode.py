@@ -33,7 +33,9 @@ from `--spec-data` (chat jsonl, MiniMind's SFT format): "chat", single questions
 "repeat", three earlier exchanges followed by the second question again, so the answer repeats
 text of the prompt (where prompt lookup pays). A timed call answers the whole set; the sides
 take turns call by call; tokens/s, acceptance rate and tokens per target forward are reported,
-and every side's replies are checked against plain greedy's. JSON default:
+and every side's replies are checked against plain greedy's. A "prefill only" side (one token
+per prompt) takes its turn too, so the decode rate after the prefill is reported apart: the
+demo's replies are short, and no drafter speeds up the prefill. JSON default:
 bench/results/decode_speculative.json.
 Run `python bench/decode.py --help`.
 """
@@ -344,6 +346,7 @@ def bench_speculative(args) -> dict:
         drafters["draft model"] = draft.model
     if not args.no_compile:
         drafters["plain compiled"] = None
+    drafters["prefill only"] = None  # max_new_tokens=1: the share no drafter can speed up
     out: dict[str, dict[str, list]] = {}
 
     def fn(set_name: str, side: str):
@@ -354,7 +357,7 @@ def bench_speculative(args) -> dict:
                     generate(
                         target.model,
                         [prompt],
-                        max_new_tokens=args.new_tokens,
+                        max_new_tokens=1 if side == "prefill only" else args.new_tokens,
                         temperature=0,
                         stop_token_ids=stops,
                         draft=drafters[side],
@@ -374,6 +377,7 @@ def bench_speculative(args) -> dict:
         times = alternate(fns, 1, args.repeats, "cpu")
         plain = out[set_name]["plain"]
         tokens = sum(len(r) for r in plain)
+        prefill = times.pop("prefill only")
         sides = {}
         for side, t in times.items():
             replies = out[set_name][side]
@@ -384,6 +388,8 @@ def bench_speculative(args) -> dict:
                 "tokens_per_s": tokens / min(t),
                 "median_tokens_per_s": tokens / statistics.median(t),
                 "best_ms": min(t) * 1e3,
+                # after each prompt's first token (the prefill's, timed apart): the decode rate
+                "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(prefill), 1e-9),
                 "same_as_plain": [list(r) for r in replies] == [list(r) for r in plain],
                 "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else None,
                 "tokens_per_target_forward": (
@@ -392,8 +398,12 @@ def bench_speculative(args) -> dict:
             }
         for side in sides:
             sides[side]["vs_plain"] = sides[side]["tokens_per_s"] / sides["plain"]["tokens_per_s"]
+            sides[side]["decode_vs_plain"] = (
+                sides[side]["decode_tokens_per_s"] / sides["plain"]["decode_tokens_per_s"]
+            )
         report[set_name] = {
             "prompts": len(sets[set_name]),
+            "prefill_best_ms": min(prefill) * 1e3,
             "mean_prompt_tokens": statistics.mean(len(p) for p in sets[set_name]),
             "reply_tokens": tokens,
             "sides": sides,
@@ -410,7 +420,8 @@ def bench_speculative(args) -> dict:
 
 
 def spec_table(report: dict) -> str:
-    rows = [["set", "side", "tok/s", "median", "vs plain", "accepted", "tok/fwd", "same"]]
+    rows = [["set", "side", "tok/s", "median", "vs plain", "decode tok/s", "vs plain"]]
+    rows[0] += ["accepted", "tok/fwd", "same"]
     for set_name, r in report["sets"].items():
         for side, s in r["sides"].items():
             acc, tpf = s["acceptance_rate"], s["tokens_per_target_forward"]
@@ -421,6 +432,8 @@ def spec_table(report: dict) -> str:
                     f"{s['tokens_per_s']:.0f}",
                     f"{s['median_tokens_per_s']:.0f}",
                     f"{s['vs_plain']:.2f}x",
+                    f"{s['decode_tokens_per_s']:.0f}",
+                    f"{s['decode_vs_plain']:.2f}x",
                     "-" if acc is None else f"{acc:.0%}",
                     "-" if tpf is None else f"{tpf:.2f}",
                     "yes" if s["same_as_plain"] else "NO",

@@ -118,10 +118,11 @@ def test_batched_rows_keep_their_own_accepted_lengths(target, draft):
     stops = (plain[0][4], plain[2][7])
     want = generate(target, PROMPTS, max_new_tokens=20, temperature=0, stop_token_ids=stops)
     assert [c.finish_reason for c in want].count("stop") >= 2
-    got = generate(
-        target, PROMPTS, max_new_tokens=20, temperature=0, stop_token_ids=stops, draft=target
-    )
-    assert got == want and [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    for drafter in ("ngram", draft, target):
+        got = generate(
+            target, PROMPTS, max_new_tokens=20, temperature=0, stop_token_ids=stops, draft=drafter
+        )
+        assert got == want and [c.finish_reason for c in got] == [c.finish_reason for c in want]
     # rows run past the first cache capacity (64 slots + drafts): regrowth keeps them exact
     long = generate(target, PROMPTS[:2], max_new_tokens=150, temperature=0, stop_token_ids=())
     assert (
@@ -337,6 +338,7 @@ def test_bench_speculative_mode_writes_its_report(tmp_path):
     assert set(report["sets"]) == {"chat", "repeat"}
     for r in report["sets"].values():
         assert set(r["sides"]) == {"plain", "ngram", "draft model"}
+        assert r["prefill_best_ms"] > 0
         assert all(s["same_as_plain"] for s in r["sides"].values())
         spec = r["sides"]["draft model"]
         assert 0 <= spec["acceptance_rate"] <= 1 and spec["tokens_per_target_forward"] >= 1

@@ -423,6 +423,10 @@ def speculative_decode(
             drafts = [ngram_draft(h, kr) for h in history]
         else:
             drafts, q = _draft_model_round(drafter, pending, kr, emitted, rule, mcfg, device)
+        if not any(drafts):  # nothing to verify: plain decoding's fixed-shape step
+            last = torch.tensor([h[-1] for h in history], device=device)
+            logits = target.step(last)[:, None]  # (B', 1, V)
+            continue
         block_ids, block_mask = _left_pad(
             [[h[-1], *d] for h, d in zip(history, drafts)], mcfg.pad_token_id, device
         )

@@ -107,8 +107,8 @@ class KVCache:
             layer.k, layer.v = layer.k[index], layer.v[index]
         self.valid, self.seen = self.valid[index], self.seen[index]
 
-    def rollback(self, drop: torch.Tensor | Sequence[int]) -> None:
-        """Forget the last `drop[i]` slots written in row i (B,) (>= 0): speculative decoding's
+    def rollback(self, drop: Sequence[int]) -> None:
+        """Forget the last `drop[i]` slots written in row i (B ints >= 0): speculative decoding's
         rejected draft tokens. Their slots become invalid and `seen` loses the real tokens among
         them, so the row's next token gets the position it would have had without them.
 
@@ -122,17 +122,22 @@ class KVCache:
         >>> c.length, c.seen.tolist(), c.valid[:, :5].int().tolist()
         (4, [4, 2], [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
         """
-        drop = torch.as_tensor(drop, dtype=torch.long, device=self.valid.device)
-        if drop.shape != (self.batch_size,) or bool((drop < 0).any()):
-            raise ValueError(f"drop must be {self.batch_size} counts >= 0, got {drop.tolist()}")
-        if bool((drop > self.length).any()):
-            raise ValueError(f"cannot drop {drop.tolist()} of {self.length} filled slots")
-        slots = torch.arange(self.length, device=drop.device)
-        gone = slots[None, :] >= self.length - drop[:, None]  # (B, length)
-        self.seen -= (self.valid[:, : self.length] & gone).sum(1)
-        self.valid[:, : self.length] &= ~gone
-        low = int(drop.min())
-        self.has_padding = self.has_padding or int(drop.max()) != low
+        drop = [int(d) for d in drop]  # host ints: the common case needs no device sync
+        if len(drop) != self.batch_size or min(drop) < 0 or max(drop) > self.length:
+            raise ValueError(
+                f"cannot drop {drop} of {self.length} filled slots in {self.batch_size} rows"
+            )
+        low, end = min(drop), self.length
+        if low:  # the slots every row drops: one slice
+            self.seen -= self.valid[:, end - low : end].sum(1)
+            self.valid[:, end - low : end] = False
+        if max(drop) != low:  # rows that drop more leave holes
+            more = torch.tensor(drop, device=self.valid.device)[:, None] - low
+            slots = torch.arange(end - low, device=more.device)
+            gone = slots[None, :] >= end - low - more  # (B, end - low)
+            self.seen -= (self.valid[:, : end - low] & gone).sum(1)
+            self.valid[:, : end - low] &= ~gone
+            self.has_padding = True
         self.length -= low
 
     def used(self) -> int:
@@ -309,7 +314,7 @@ class StaticKVCache(KVCache):
         """Host side of a decode step's commit (outside the captured step)."""
         self.length += 1
 
-    def rollback(self, drop: torch.Tensor | Sequence[int]) -> None:
+    def rollback(self, drop: Sequence[int]) -> None:
         """KVCache.rollback, with the device slot moved back to the new length."""
         super().rollback(drop)
         self.slot.fill_(self.length)
