@@ -225,9 +225,9 @@ class StepClock:
         self._resumed: float | None = None
         inner, device = trainer._train_step, trainer.world.device
 
-        def timed(micro):
+        def timed(micro, *args):
             t0 = time.perf_counter()
-            metrics = inner(micro)
+            metrics = inner(micro, *args)
             sync(device)
             end = time.perf_counter()
             step = count(micro, pad_id)

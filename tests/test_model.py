@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minimind.model import MINIMIND2_YARN, MiniMindForCausalLM, ModelConfig, preset
-from minimind.model.layers import InputGroup, rope_inv_freq
+from minimind.model.layers import InputGroup, apply_rotary, rope_inv_freq
 from minimind.model.moe import MoEFeedForward
 
 
@@ -319,3 +319,18 @@ def test_fused_qkv_training_path_equals_separate_projections_after_fused_adamw()
     with_grad = model(ids).logits.detach()
     with torch.no_grad():  # separate projections
         torch.testing.assert_close(model(ids).logits, with_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_tables_grown_inside_generate_can_train():
+    # On a GPU the tables are first built for the device inside `generate` (inference mode);
+    # training after a rollout then failed: "Inference tensors cannot be saved for backward".
+    from minimind.model.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(preset("tiny", max_position_embeddings=16))
+    with torch.inference_mode():
+        rotary.ensure(64, torch.device("cpu"))  # grown here, as a new device would be
+    assert rotary.cos.shape[0] >= 64 and not rotary.cos.is_inference()
+    x = torch.randn(1, 40, 2, rotary.head_dim, requires_grad=True)
+    cos, sin = rotary(torch.arange(40)[None])
+    apply_rotary(x, cos, sin).sum().backward()  # saves cos/sin for backward
+    assert x.grad is not None

@@ -78,17 +78,14 @@ def tiny_model(vocab: int = 400, **kw) -> MiniMindForCausalLM:
 
 
 def train(run_dir, shards, steps, resume=True, kind="pretrain", **kw) -> Path:
+    settings = {"batch_size": 4, "dtype": "fp32", "log_interval": 1, "save_interval": 1}
     config = TrainConfig(
         out_dir=str(run_dir),
         max_steps=steps,
-        batch_size=4,
-        dtype="fp32",
-        log_interval=1,
-        save_interval=1,
         seed=1,
         resume=resume,
         learning_rate=1e-2,
-        **kw,
+        **{**settings, **kw},
     )
     stage = make_stage(kind, Path(shards))
     tok = Path(shards).parent / "tok"

@@ -79,13 +79,16 @@ class RotaryEmbedding(nn.Module):
         self._build(self.initial_len)
 
     def _build(self, length: int, device: torch.device | None = None) -> None:
-        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
-        if device is not None:
-            inv_freq = inv_freq.to(device)
-        t = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (L, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (L, D): rotate_half pairs i with i + D/2
-        self.cos, self.sin = emb.cos(), emb.sin()
+        # Never inference tensors, even when first needed on a device inside `generate`
+        # (inference_mode): training that follows would fail to save them for backward.
+        with torch.inference_mode(False):
+            inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+            if device is not None:
+                inv_freq = inv_freq.to(device)
+            t = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # (L, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (L, D): rotate_half pairs i with i + D/2
+            self.cos, self.sin = emb.cos(), emb.sin()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) int -> cos, sin (B, T, D) float32."""
