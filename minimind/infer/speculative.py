@@ -23,7 +23,8 @@ accept with probability p(d), on rejection draw from p with d removed. Greedy (t
 is the same rule with p and q point masses at the argmax: accept d while it equals the
 target's argmax, so the output is plain greedy decoding token for token (up to float
 reassociation between a (B, k+1) forward and k+1 single-token steps; tested identical on tiny
-random float64 models and on a trained demo model in float32).
+random float64 models and a tiny trained pair in float32, and on the demo's trained model by
+bench/decode.py --spec-target).
 
 Design decisions:
 - The target holds every emitted token but the row's last one in its cache; a round feeds
@@ -31,7 +32,8 @@ Design decisions:
   which the model's attention mask already handles) and `KVCache.rollback` drops each row's
   rejected drafts afterwards. Rows accept different lengths: a row that keeps fewer leaves a
   hole of invalid slots that attention skips, so each row advances by its own accepted count
-  (the cache length grows by the most any row kept; capacity doubles when needed).
+  (the cache length grows by the most any row kept; capacity doubles when needed). A round
+  in which no row has a draft is plain decoding's fixed-shape step.
 - The draft model's cache lags the emitted tokens by one or two ("pending": the token the
   target added, and the last draft when all k were accepted, which the draft never fed
   itself); a round starts with one forward over the pending tokens (left-padded to 2), then
@@ -48,6 +50,9 @@ Design decisions:
 - Statistics (`SpeculationStats`): drafted and accepted tokens, target forwards; acceptance
   rate and tokens per target forward per row (plain decoding: 1.0). Every `Step` carries the
   call's running totals, every Completion of `generate` the final ones.
+- When it pays: a verification forward of k + 1 tokens costs 1.3-1.7x a one-token step on a
+  CPU (bench/RESULTS.md), so it takes about that many tokens per forward to break even; on the
+  overhead-bound 2M demo model it did not pay at batch 1 there, compiled plain decoding did.
 """
 
 from __future__ import annotations
