@@ -305,6 +305,7 @@ def test_chat_draft_flags(tmp_path, capsys):
 # --- bench/decode.py's speculative mode -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_speculative_mode_writes_its_report(tmp_path):
     """At toy size (random tiny checkpoints): every side answers both sets as plain greedy
     does, and the JSON carries acceptance rates and tokens per target forward."""
