@@ -46,10 +46,10 @@ STEPS, STOP = 4, 2  # optimizer steps per run; an interrupted run stops after ST
 GLOBAL = 8  # samples per optimizer step, however they are split
 KEEP = 2  # step checkpoints kept (keep_last)
 # fp32 sums in another order (1 vs 2 processes) differ in the last bits, and AdamW's g/sqrt(v)
-# turns that into up to ~2e-5 on coordinates whose gradient is near zero: atol is 1% of one
-# step (lr 1e-2). A wrong normalisation (a per-rank or per-micro-batch mean on SFT) moves
-# over 100k weights by more than this.
-TOL = dict(atol=1e-4, rtol=1e-4)
+# turns that into up to ~2e-4 on the rare coordinate whose gradient is near zero (seen on one
+# of 12,288 weights of a DPO run): atol is 3% of one step (lr 1e-2). A wrong normalisation (a
+# per-rank or per-micro-batch mean on SFT) moves over 100k weights by more than this.
+TOL = dict(atol=3e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- processes

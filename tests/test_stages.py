@@ -69,7 +69,7 @@ LEARNS = {
     "lora": (lambda d: _lora_stage(d["sft"]), {"learning_rate": 1e-1}, "loss", 0.05),
     # DPO from a random model does not generalise to unseen pairs in 16 steps (strangers' names,
     # held-out facts): the toy is to fit the preference of pairs it trains on.
-    "dpo": (lambda d: _seen_pairs_dpo(d["dpo"]), {"learning_rate": 1e-3}, "loss", 0.08),
+    "dpo": (lambda d: _seen_pairs_dpo(d["dpo"]), {"learning_rate": 1e-2}, "loss", 0.08),
     "grpo": (
         lambda d: make_stage(
             "grpo",

@@ -28,7 +28,7 @@ from minimind.pipeline.recipe import Recipe
 from minimind.pipeline.runner import Step
 
 TRAIN_TASKS = ("facts_trained", "facts", "arith_trained", "arith")
-SAVE_EVERY = 200  # optimizer steps between step checkpoints: where a killed stage resumes
+SAVE_EVERY = 500  # optimizer steps between step checkpoints: where a killed stage resumes
 EVAL_POINTS = 8  # held-out evaluations per LM stage (the report's eval curve)
 
 
