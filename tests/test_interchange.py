@@ -222,3 +222,12 @@ def test_pth_finds_the_tokenizer_of_its_layout(tmp_path, home, tok, layout):
     shutil.copytree(tok, tmp_path / layout)
     loaded = load_model(tmp_path / "out" / "chat_192.pth", device="cpu", num_attention_heads=6)
     assert loaded.tokenizer.encode("hello world") == load_tokenizer(tok).encode("hello world")
+
+
+def test_the_web_page_takes_the_head_count_and_the_preset(demo_pth):
+    from minimind.serve import web
+
+    for flags in (["--num_attention_heads", "6"], ["--preset", "demo"]):
+        args = web.parse_app_args(["--load_from", str(demo_pth), "--device", "cpu", *flags])
+        loaded = web.load(web.load_spec(demo_pth, args))
+        assert loaded.model.config.num_attention_heads == 6, flags

@@ -167,6 +167,10 @@ class LoadSpec:
     lora_weight: str = "None"  # only for the model the flags named: an adapter fits one base
     save_dir: str | None = None
     hidden_size: int = 512
+    # a .pth does not record its head count: MiniMind's size flags and --preset say it
+    preset: str | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
 
 
 def load_spec(path: Path, args: argparse.Namespace) -> LoadSpec:
@@ -180,6 +184,9 @@ def load_spec(path: Path, args: argparse.Namespace) -> LoadSpec:
         lora_weight=args.lora_weight if named == path else "None",
         save_dir=args.save_dir,
         hidden_size=args.hidden_size,
+        preset=getattr(args, "preset", None),
+        num_attention_heads=getattr(args, "num_attention_heads", None),
+        num_key_value_heads=getattr(args, "num_key_value_heads", None),
     )
 
 
@@ -194,6 +201,9 @@ def load(spec: LoadSpec):
         **{k: getattr(spec, k) for k in ("tokenizer", "device", "dtype", "lora_weight")},
         save_dir=spec.save_dir,
         hidden_size=spec.hidden_size,
+        preset=spec.preset,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
         inference_rope_scaling=spec.rope_scaling,
     )
     return load_from_args(ns)
