@@ -231,3 +231,22 @@ def test_the_web_page_takes_the_head_count_and_the_preset(demo_pth):
         args = web.parse_app_args(["--load_from", str(demo_pth), "--device", "cpu", *flags])
         loaded = web.load(web.load_spec(demo_pth, args))
         assert loaded.model.config.num_attention_heads == 6, flags
+
+
+def test_size_flags_that_contradict_load_from_weights_are_refused(demo_pth):
+    out = demo_pth.parent
+    folder = save_checkpoint(out / "ckpt192", demo_model())
+    with pytest.raises(ValueError, match=r"--hidden_size 128 \(the weights: 192\)"):
+        load_from_args(
+            chat_args("--load_from", str(folder), "--tokenizer", str(out), "--hidden_size", "128")
+        )
+    with pytest.raises(ValueError, match=r"--use_moe 1 \(the weights: 0\)"):
+        load_from_args(
+            chat_args("--load_from", str(folder), "--tokenizer", str(out), "--use_moe", "1")
+        )
+    # MiniMind's defaults (512, 0) and agreeing flags pass: the weights set the size
+    for flags in ([], ["--hidden_size", "192"]):
+        loaded = load_from_args(
+            chat_args("--load_from", str(folder), "--tokenizer", str(out), *flags)
+        )
+        assert loaded.model.config.hidden_size == 192

@@ -229,7 +229,7 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     lora = None
     if args.lora_weight and args.lora_weight != "None":
         lora = _find_lora(args.lora_weight, hidden, save_dir)
-    return load_model(
+    loaded = load_model(
         path,
         tokenizer=args.tokenizer,
         device=args.device,
@@ -239,3 +239,26 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
         num_attention_heads=size["num_attention_heads"],
         num_key_value_heads=size["num_key_value_heads"],
     )
+    if args.load_from != "model":
+        _check_size_flags(args, loaded.model.config, path)
+    return loaded
+
+
+def _check_size_flags(args: argparse.Namespace, config, path: Path) -> None:
+    """With --load_from the weights set the size; --hidden_size / --use_moe given otherwise
+    than MiniMind's defaults and contradicting them are refused, not silently ignored."""
+    from minimind.convert.minimind2 import NAME_DEFAULTS
+
+    found = {"hidden_size": config.hidden_size, "use_moe": int(bool(config.use_moe))}
+    wrong = [
+        f"--{k} {getattr(args, k)} (the weights: {found[k]})"
+        for k in found
+        if getattr(args, k, None) is not None
+        and int(getattr(args, k)) != NAME_DEFAULTS[k]
+        and int(getattr(args, k)) != found[k]
+    ]
+    if wrong:
+        raise ValueError(
+            f"{'; '.join(wrong)} disagree with --load_from {path}: the weights set the size "
+            "(drop the flag)"
+        )
