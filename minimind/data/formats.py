@@ -1,6 +1,6 @@
 """Record schemas of MiniMind's JSON Lines data files, and the streaming readers that validate them.
 
-Owns: the five record kinds of FORMATS.md (pretrain, sft, dpo, rlaif, reasoning) as small frozen
+Owns: the five record kinds of docs/FORMATS.md (pretrain, sft, dpo, rlaif, reasoning) as small frozen
 dataclasses; `parse_record`, which turns one decoded JSON object into a record or raises
 `DataError` naming the field; `RecordReader`, which streams a file line by line and names
 `file:line` in every error; `detect_kind`; `split_reasoning`.

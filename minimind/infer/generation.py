@@ -15,11 +15,9 @@ Design decisions:
 - Decode steps run over a StaticKVCache (steps.py: fixed shapes, no host sync, optionally
   compiled with `compile=True`).
 - A row that finishes is dropped from the batch at once (`KVCache.reorder`), rather than
-  decoded along and ignored. A drop copies the cache once (about 0.5 ms per remaining row at
-  400 slots for minimind2-small on 2 CPU cores, under one decode step), while a dead row costs
-  its share of every later step (attention over its keys, the head, the processors). Measured
-  there, greedy, rows ending spread over 200 steps: batch 8, 410 vs 310 useful tokens/s;
-  batch 32, 737 vs 368 (dropping at once vs never).
+  decoded along and ignored: a drop copies the cache once, while a dead row costs its share of
+  every later step (attention over its keys, the head, the processors). The measured trade is
+  in bench/RESULTS.md ("Why the code is shaped so").
 - One host transfer per step (the new tokens, needed anyway to stream them and to test the
   stop condition); the processors run on the device.
 - With GenerationConfig.draft, `stream` hands the call to speculative.py (a draft model or

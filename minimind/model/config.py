@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-# YaRN as MiniMind2 ships it (FORMATS.md): used at inference only, switched on explicitly.
+# YaRN as MiniMind2 ships it (docs/FORMATS.md): used at inference only, switched on explicitly.
 MINIMIND2_YARN: dict[str, Any] = {
     "type": "yarn",
     "factor": 16.0,
@@ -154,7 +154,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The three public MiniMind2 models (FORMATS.md); parameter counts are tested.
+    # The three public MiniMind2 models (docs/FORMATS.md); parameter counts are tested.
     "minimind2-small": dict(hidden_size=512, num_hidden_layers=8),
     "minimind2": dict(hidden_size=768, num_hidden_layers=16),
     "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, use_moe=True),

@@ -1,8 +1,7 @@
 """A faster encoder for the same ids: our byte-level BPE run by tiktoken's rank-based BPE.
 
-Why: data preparation is bound by encoding. The `tokenizers` library encodes the demo corpus
-at about 3-4 MB of text per CPU-second on the project's CPU; tiktoken's encoder gives the same
-ids at about 16 (measured 2026-11-29, 5 MB demo corpus, one thread).
+Why: data preparation is bound by encoding, and tiktoken's encoder gives the same ids several
+times faster than the `tokenizers` library (bench/RESULTS.md, "Why the code is shaped so").
 
 When it is used: only for a vocabulary whose encoding tiktoken reproduces. The structure must
 be the one both implement: no normalizer; a ByteLevel pre-tokenizer with GPT-2's regex and no
