@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +25,9 @@ from minimind.train.stages.distill import (
     distill_topk_loss,
 )
 from minimind.train.stages.reason import TAGS, ReasonStage, tag_sequences, tag_weights
+from tests import REFERENCE
 from tests.train_fixtures import make_data, tiny_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind2"
 TEXT = "<think>\n1 < 2, so think again: 7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
 
 
