@@ -102,18 +102,21 @@ def loss_metric(name: str, label: str, before: float | None, after: float | None
     }
 
 
-def curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """The train and eval loss curves of an engine run (its metrics.jsonl)."""
-    out: dict[str, list[list[float]]] = {"train": [], "eval": []}
+def curves(run_dir: Path, keys: dict[str, str] | None = None) -> dict[str, list[list[float]]]:
+    """Curves of an engine run (its metrics.jsonl): metric key -> curve name, by default the
+    train loss ("loss" -> "train") and the held-out loss ("eval_loss" -> "eval"); a step logged
+    twice (a resumed run) keeps its last value."""
+    keys = keys or {"loss": "train", "eval_loss": "eval"}
+    out: dict[str, list[list[float]]] = {curve: [] for curve in keys.values()}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return out
     seen: dict[tuple[str, int], float] = {}
     for line in path.read_text("utf-8").splitlines():
         record = json.loads(line)
-        for key, curve in (("loss", "train"), ("eval_loss", "eval")):
+        for key, curve in keys.items():
             if key in record:
-                seen[(curve, int(record["step"]))] = float(record[key])  # a resumed step: last
+                seen[(curve, int(record["step"]))] = float(record[key])
     for (curve, step), value in sorted(seen.items()):
         out[curve].append([step, value])
     return out

@@ -17,7 +17,6 @@ reloaded and compared -> sample chats.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -427,11 +426,8 @@ def grpo(run: Run) -> dict:
         tasks, run.model_name("dpo"), run.load("dpo"), run.model_name("grpo"), model
     )
     _print_metrics(metrics)
-    rewards = [
-        [step, rec] for step, rec in _metric_curve(run.workdir / "checkpoints" / "grpo", "reward")
-    ]
     entry = run.trained(trainer, stage, "grpo")
-    entry["curves"]["reward"] = rewards
+    entry["curves"].update(curves(run.workdir / "checkpoints" / "grpo", {"reward": "reward"}))
     return {
         **entry,
         "metrics": metrics,
@@ -530,7 +526,7 @@ def distill(run: Run) -> dict:
         "distill", distilled, student(), out_name="student_distilled", **kw
     )
     # one held-out split and one plain CE for both students (the SFT stage's eval rows)
-    ce = [_held_out_ce(run, alone, m) for m in (m_alone, m_kd)]
+    ce = [run.probe(alone, m)["eval_loss"] for m in (m_alone, m_kd)]
     metrics = [loss_metric("held_out_ce", "student: CE on held-out replies", ce[0], ce[1])]
     metrics += run.measures.compare(
         ("facts", "arith"),
@@ -556,11 +552,6 @@ def distill(run: Run) -> dict:
             f"T {r.distill_temperature}, {t_kd.step} steps)"
         ],
     }
-
-
-def _held_out_ce(run: Run, stage, model) -> float:
-    """Mean CE per labelled token on the stage's held-out rows (its eval loss, plain SFT)."""
-    return run.probe(stage, model)["eval_loss"]
 
 
 # ---------------------------------------------------------------------- exports and chats
@@ -679,18 +670,6 @@ def _samples(run: Run, stage: str, tasks) -> list[dict]:
             gold = f"  [gold {s['gold']}: {'right' if s['ok'] else 'wrong'}]" if "gold" in s else ""
             out.append({"stage": stage, "prompt": s["prompt"], "reply": s["reply"] + gold})
     return out
-
-
-def _metric_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    seen = {}
-    for line in path.read_text("utf-8").splitlines():
-        record = json.loads(line)
-        if key in record:
-            seen[int(record["step"])] = float(record[key])
-    return sorted(seen.items())
 
 
 def _print_metrics(metrics: list[dict], sides: tuple[str, str] = ("before", "after")) -> None:
