@@ -37,6 +37,7 @@ from minimind.train.stage import IndexView
 from minimind.train.stages.distill import DistillStage
 from minimind.train.stages.dpo import DPOStage
 from minimind.train.stages.grpo import GRPOStage
+from minimind.train.stages.ppo import PPOStage
 from minimind.train.stages.pretrain import PretrainStage
 from minimind.train.stages.sft import SFTStage
 from tests.train_fixtures import SEQ, tiny_model
@@ -51,6 +52,7 @@ STAGES = {
     "sft": SFTStage,
     "dpo": DPOStage,
     "grpo": GRPOStage,
+    "ppo": PPOStage,
     "distill": DistillStage,
     "distill_cached": DistillStage,
 }
@@ -78,10 +80,15 @@ class Indexed(Dataset):
 
 
 def recording(
-    kind: str, data: dict[str, str], max_eval: int = MAX_EVAL, train_items: int | None = None
+    kind: str,
+    data: dict[str, str],
+    max_eval: int = MAX_EVAL,
+    train_items: int | None = None,
+    stage_kw: dict[str, Any] | None = None,
 ):
     """A `kind` stage whose training collate records the indices of the items it batches;
-    `train_items` keeps only the first items of the training set (a short epoch)."""
+    `train_items` keeps only the first items of the training set (a short epoch); `stage_kw`
+    are more of the stage's settings (PPO's critic)."""
     base = STAGES[kind]
 
     class Recording(base):
@@ -90,6 +97,8 @@ def recording(
                 super().__init__(data["pretrain"], SEQ, max_eval=max_eval)
             elif kind == "grpo":
                 super().__init__(data["rlaif"], num_generations=4, max_gen_len=8, max_eval=4)
+            elif kind == "ppo":
+                super().__init__(data["rlaif"], max_gen_len=8, max_eval=4, **(stage_kw or {}))
             elif kind.startswith("distill"):  # the same teacher on every rank: a seeded model
                 teacher = tiny_model()
                 torch.nn.init.normal_(teacher.lm_head.weight, std=0.5)
@@ -170,7 +179,13 @@ def config_for(job: dict[str, Any]) -> TrainConfig:
 def run_job(job: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
     """Train as `job` says; -> {"records": [rank 0's, rank 1's, ...], "weights": ...,
     "step": ...}, also saved by rank 0 as `result.pt` in `job["result_dir"]` when given."""
-    stage = recording(job["stage"], data, job.get("max_eval", MAX_EVAL), job.get("train_items"))
+    stage = recording(
+        job["stage"],
+        data,
+        job.get("max_eval", MAX_EVAL),
+        job.get("train_items"),
+        job.get("stage_kw"),
+    )
     trainer = StoppingTrainer(
         config_for(job),
         stage,

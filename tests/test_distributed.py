@@ -158,6 +158,19 @@ MULTI = {
     # GRPO samples per rank (its own random stream), so it is not compared with one process;
     # it must run: rollouts from FSDP2 shards gather the full weights on every rank.
     "fsdp_grpo": dict(stage="grpo", batch_size=2, fsdp=True, tokenizer=True, steps=2),
+    # PPO's value head and its separate critic (with an old actor refreshed every 2 steps,
+    # gathered from the shards): FSDP2 against DDP, which samples the same completions per
+    # rank (the same seeds, and weights equal to the last bits).
+    **{
+        f"{w}_ppo{name}": dict(
+            stage="ppo", batch_size=2, tokenizer=True, steps=2, fsdp=w == "fsdp", stage_kw=kw
+        )
+        for name, kw in {
+            "": {},
+            "_critic": dict(critic="model", update_old_actor_freq=2),
+        }.items()
+        for w in ("ddp", "fsdp")
+    },
     "ddp_stop": dict(stage="pretrain", batch_size=4, stop_after=STOP),
     "fsdp_stop": dict(stage="pretrain", batch_size=4, fsdp=True, stop_after=STOP),
     "resume_1to2_ddp": dict(stage="pretrain", batch_size=4, resume=True),
@@ -279,6 +292,31 @@ def test_grpo_rollouts_run_from_fsdp2_shards(runs):
     assert [m["step"] for m in rows] == [1, 2]
     assert all(m["rollout_tokens_per_s"] > 0 and m["completion_len"] > 0 for m in rows)
     assert runs.results["fsdp_grpo"]["step"] == 2
+
+
+@pytest.mark.parametrize("critic", ["head", "model"])
+def test_fsdp2_ppo_matches_ddp(runs, critic):
+    # PPO samples per rank (seeded by rank), so its reference is DDP on two ranks: the same
+    # prompts, seeds and (to the last bits) weights give the same completions and rewards.
+    # Then the weights agree within TOL: FSDP2 takes the clipping norm over shards, summed in
+    # another order than DDP's.
+    suffix = "_critic" if critic == "model" else ""
+    fsdp, ddp = f"fsdp_ppo{suffix}", f"ddp_ppo{suffix}"
+    got, want = runs.results[fsdp], runs.results[ddp]
+    assert got["step"] == want["step"] == 2
+    assert got["records"] == want["records"]
+    rows = {n: [m for m in metrics(runs.root / n / "run") if "loss" in m] for n in (fsdp, ddp)}
+    for key in ("reward", "completion_len"):  # the rollouts: gathered policy == DDP's policy
+        assert [m[key] for m in rows[fsdp]] == [m[key] for m in rows[ddp]], key
+    assert_same_weights(got["weights"], want["weights"])
+    for key in ("loss", "value_loss", "explained_variance"):
+        torch.testing.assert_close(
+            [m[key] for m in rows[fsdp]], [m[key] for m in rows[ddp]], **TOL, msg=key
+        )
+    critic_keys = {k for k in got["weights"] if k.startswith(("critic.", "value_head."))}
+    assert {k.split(".")[0] for k in critic_keys} == {"critic" if suffix else "value_head"}
+    first = load_file(str(runs.root / fsdp / "run" / "step_00000001" / "model.safetensors"))
+    assert critic_keys <= first.keys()  # the step checkpoint gathers the critic too
 
 
 def test_ddp_and_fsdp2_checkpoints_load_in_one_process(runs):

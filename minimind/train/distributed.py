@@ -86,7 +86,9 @@ def main_first(world: World):
 def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
     """DDP (every rank holds the model) or FSDP2 (parameters sharded per block, then root).
 
-    Both average gradients over ranks, which the engine's loss scaling accounts for.
+    FSDP2's blocks are those of every decoder in `model`: `model.layers` of the language model
+    and, in a module that wraps decoders (PPO's `.lm` and `.critic`), each one's. Both average
+    gradients over ranks, which the engine's loss scaling accounts for.
     """
     if not world.distributed:
         if fsdp:
@@ -95,7 +97,7 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.model.layers:
+        for block in decoder_blocks(model):
             fully_shard(block)
         fully_shard(model)
         return model
@@ -103,3 +105,13 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
 
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of every decoder trunk (a `.model` with `.layers`) in `model`, in order."""
+    return [
+        block
+        for name, module in model.named_modules()
+        if name == "model.layers" or name.endswith(".model.layers")
+        for block in module
+    ]

@@ -12,7 +12,12 @@ FSDP2 shards every parameter across ranks; decoding needs whole weights on each 
 rollout is many tiny forwards outside the root module's `forward` (the static decode step),
 so under FSDP the policy gathers a full copy (one all-gather per rollout, then plain decoding
 on the copy). Models here are at most ~150M parameters, so the copy is small next to the
-optimizer state.
+optimizer state. When the trained module wraps the policy (`.lm`, beside PPO's value head or
+critic), only the policy's weights are gathered.
+
+torch.compile (`--compile`) wraps the module for the engine's loss forward only; the policy
+holds the plain module whose parameters the compiled one shares, so sampling runs eagerly on
+the live weights and never triggers a recompilation of the training graph.
 """
 
 from __future__ import annotations
@@ -44,14 +49,21 @@ class Policy:
         self.autocast, self.fsdp = autocast, fsdp
         self._replica: nn.Module | None = None
 
-    def _gathered(self) -> nn.Module:
-        """Under FSDP2, a plain replica holding the full current weights (every rank)."""
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's current weights, whole: its own state dict (the live tensors), or
+        under FSDP2 gathered from the shards (a collective: every rank must call it)."""
+        if not self.fsdp:
+            return self.model.state_dict()
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
         )
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+    def _gathered(self) -> nn.Module:
+        """Under FSDP2, a plain replica holding the full current weights (every rank)."""
+        full = self.full_state_dict()
         if self._replica is None:
             from minimind.model import MiniMindForCausalLM
 

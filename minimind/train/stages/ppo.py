@@ -2,13 +2,23 @@
 token-level GAE, clipped policy and value losses, several epochs over minibatches of each
 rollout batch; MiniMind's `trainer/train_ppo.py`.
 
-- Critic: a value head (one Linear on the final hidden states) on the policy's own backbone
-  (`PolicyWithValue`), so one forward gives log-probs and values. The head belongs to the
-  trained module: it is in the optimizer (at `--critic_learning_rate`, through the engine's
-  per-parameter learning-rate scale), in every step checkpoint and under DDP; the exported
-  model is the policy alone. (MiniMind trains a second full model as the critic; a shared
-  backbone halves the memory and the forwards, at the cost of coupling the two losses, which
-  `--vf_coef` weighs.)
+- Critic, `--critic head` (default): a value head (one Linear on the final hidden states) on
+  the policy's own backbone (`PolicyWithValue`), so one forward gives log-probs and values.
+  `--critic model`: a separate critic (`Critic`: a decoder backbone, no LM head, and a value
+  head) beside the policy in one trained module (`PolicyAndCritic`, `.lm` and `.critic`); its
+  backbone starts as a copy of the start policy's, or from `--critic_from` (a checkpoint
+  folder or MiniMind .pth of any size with the same vocabulary, e.g. a smaller model: the
+  critic reads the same token ids, it never samples). Either way the critic belongs to the
+  trained module: it is in the optimizer (every critic parameter at `--critic_learning_rate`,
+  through the engine's per-parameter learning-rate scale), in every step checkpoint and under
+  DDP/FSDP2 (both decoders' blocks sharded); the exported model is the policy alone, and
+  rollouts sample from `.lm` (under FSDP2 they, and the old actor below, gather the policy's
+  weights only).
+  Trade-off: the head adds one Linear and no forward, but the value loss's gradient flows
+  into the policy's trunk, coupling the two objectives (`--vf_coef` weighs them). A separate
+  critic decouples them (MiniMind's design) at the cost of its own weights, gradients and
+  AdamW moments (four copies of its parameters in fp32) and a second forward and backward per
+  update; a critic smaller than the policy cuts both costs in proportion to its size.
 - Experience (no_grad): one completion per prompt (`--num_generations` for more), the reward
   (rewards.py) at its last token, and per token the KL penalty -kl_coef * (logp - ref_logp)
   to the frozen start model (k1, as in InstructGPT and TRL). The old log-probs and values
@@ -46,6 +56,17 @@ from ..stage import IGNORE_INDEX, LossOutput, eval_mode, register, token_logps
 from .rl import RolloutStage
 
 
+def value_head(hidden_size: int) -> nn.Linear:
+    """A scalar head on final hidden states, drawn from a fixed seed: every rank builds the
+    same one (FSDP2 shards what each rank holds and, unlike DDP, broadcasts nothing)."""
+    head = nn.Linear(hidden_size, 1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / (hidden_size + 1), generator=gen)
+        head.bias.zero_()
+    return head
+
+
 class PolicyWithValue(nn.Module):
     """The policy `lm` and a scalar value head on its final hidden states.
 
@@ -55,9 +76,7 @@ class PolicyWithValue(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm, self.config = lm, lm.config
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1))
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = value_head(lm.config.hidden_size)
 
     def forward(self, input_ids, attention_mask=None, **kw):
         out = self.lm(input_ids, attention_mask=attention_mask, **kw)
@@ -68,10 +87,58 @@ class PolicyWithValue(nn.Module):
         self.lm.set_activation_checkpointing(enabled)
 
 
+class Critic(nn.Module):
+    """A separate value model: a decoder backbone (`model`, MiniMindModel: embeddings, blocks,
+    final norm; no LM head) and a value head. forward(input_ids, attention_mask) -> values
+    (B, T) fp32, V of the state after reading each position. Its MoE balance loss, if any, is
+    not trained (PPO's loss adds none for the policy either)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.model, self.config = backbone, backbone.config
+        self.value_head = value_head(backbone.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden, _aux = self.model(input_ids, attention_mask)
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+class PolicyAndCritic(nn.Module):
+    """The policy `lm` and a separate `critic`, trained as one module (one optimizer, one
+    checkpoint, one DDP/FSDP2 wrapper). forward(...) is lm's, with the critic's `values`
+    (B, T) fp32 on the same input_ids and attention_mask added to the output."""
+
+    def __init__(self, lm: nn.Module, critic: Critic):
+        super().__init__()
+        self.lm, self.critic, self.config = lm, critic, lm.config
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        out = self.lm(input_ids, attention_mask=attention_mask, **kw)
+        out.values = self.critic(input_ids, attention_mask)
+        return out
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.lm.set_activation_checkpointing(enabled)
+        self.critic.model.gradient_checkpointing = enabled
+
+
+def load_critic_backbone(path: str | Path) -> nn.Module:
+    """The backbone of a checkpoint folder or a MiniMind .pth (read with MiniMind2's 8 query
+    heads), as a critic's starting point."""
+    from minimind.checkpoint import load_checkpoint
+    from minimind.convert.minimind2 import load_minimind2_pth
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--critic_from {path}: no such checkpoint folder or .pth file")
+    lm = load_minimind2_pth(path) if path.suffix == ".pth" else load_checkpoint(path)[0]
+    return lm.float().train().model
+
+
 @register
 class PPOStage(RolloutStage):
     name = "ppo"
-    help = "PPO with a value head, GAE and a KL penalty (train_ppo.py)"
+    help = "PPO with a value head or a separate critic, GAE and a KL penalty (train_ppo.py)"
     order = 45
     defaults: ClassVar[dict[str, Any]] = {
         "data_path": "rlaif-mini.jsonl",
@@ -85,7 +152,24 @@ class PPOStage(RolloutStage):
     @classmethod
     def add_flags(cls, parser):
         a = parser.add_argument
-        a("--critic_learning_rate", type=float, default=None, help="default: --learning_rate")
+        a(
+            "--critic",
+            choices=("head", "model"),
+            default="head",
+            help="head: a value head on the policy's backbone; model: a separate critic model",
+        )
+        a(
+            "--critic_from",
+            default=None,
+            help="with --critic model: a checkpoint folder or .pth whose backbone starts the "
+            "critic (same vocabulary, any size; default: a copy of the start policy)",
+        )
+        a(
+            "--critic_learning_rate",
+            type=float,
+            default=None,
+            help="learning rate of every critic parameter (default: --learning_rate)",
+        )
         a("--clip_epsilon", type=float, default=0.2, help="policy ratio clip")
         a("--vf_clip", type=float, default=0.2, help="value clip around the old values")
         a("--vf_coef", type=float, default=0.5, help="weight of the value loss")
@@ -108,8 +192,12 @@ class PPOStage(RolloutStage):
         scale = None
         if args.critic_learning_rate is not None:
             scale = args.critic_learning_rate / args.learning_rate
+        if args.critic_from and args.critic != "model":
+            raise ValueError("--critic_from needs --critic model")
         return cls(
             data,
+            critic=args.critic,
+            critic_from=args.critic_from,
             critic_lr_scale=scale or 1.0,
             clip_epsilon=args.clip_epsilon,
             vf_clip=args.vf_clip,
@@ -130,6 +218,8 @@ class PPOStage(RolloutStage):
         self,
         shards: str | Path,
         *,
+        critic: str = "head",
+        critic_from: str | Path | nn.Module | None = None,
         critic_lr_scale: float = 1.0,
         clip_epsilon: float = 0.2,
         vf_clip: float = 0.2,
@@ -150,10 +240,15 @@ class PPOStage(RolloutStage):
                 "ppo_epochs, num_minibatches, update_old_actor_freq and num_generations "
                 "must be >= 1"
             )
+        if critic not in ("head", "model"):
+            raise ValueError(f"critic must be 'head' or 'model', not {critic!r}")
+        if critic_from is not None and critic != "model":
+            raise ValueError("critic_from needs critic='model'")
         if clip_epsilon <= 0 or kl_coef < 0 or not 0 <= lam <= 1 or not 0 <= gamma <= 1:
             raise ValueError("clip_epsilon must be > 0, kl_coef >= 0, gamma and lam in [0, 1]")
         # The reference is loaded when the KL penalty is on (beta is RolloutStage's switch).
         super().__init__(shards, beta=kl_coef, **kw)
+        self.critic, self.critic_from = critic, critic_from
         self.critic_lr_scale, self.clip, self.vf_clip = critic_lr_scale, clip_epsilon, vf_clip
         self.vf_coef, self.kl_coef, self.gamma, self.lam = vf_coef, kl_coef, gamma, lam
         self.epochs, self.minibatches, self.target_kl = ppo_epochs, num_minibatches, target_kl
@@ -168,20 +263,47 @@ class PPOStage(RolloutStage):
     # ------------------------------------------------------------------ set-up
     def prepare_model(self, model):
         super().prepare_model(model)  # the reference: a copy of the start model
-        return PolicyWithValue(model)
+        if self.critic == "head":
+            return PolicyWithValue(model)
+        source = self.critic_from
+        if source is None:
+            backbone = copy.deepcopy(model.model)
+        elif isinstance(source, nn.Module):  # a model given in code (tests, the pipeline)
+            backbone = copy.deepcopy(getattr(source, "model", source)).float().train()
+        else:
+            backbone = load_critic_backbone(source)
+        if backbone.config.vocab_size != model.config.vocab_size:
+            name = source if isinstance(source, str | Path) else type(source).__name__
+            raise ValueError(
+                f"--critic_from {name}: {backbone.config.vocab_size} token ids, the policy "
+                f"has {model.config.vocab_size}; the critic must use the policy's tokenizer"
+            )
+        self._critic_config = backbone.config.to_dict()
+        return PolicyAndCritic(model, Critic(backbone))
 
     def export_model(self, model):
         return model.lm
 
     def lr_scale(self, name):
-        return self.critic_lr_scale if name.startswith("value_head.") else 1.0
+        critic = name.startswith(("value_head.", "critic."))
+        return self.critic_lr_scale if critic else 1.0
 
     def setup(self, ctx):
-        if ctx.policy.fsdp:
-            raise ValueError("ppo's value head is not set up for --fsdp yet; use DDP")
         super().setup(ctx)
         if self.old_freq > 1:
-            self.old_actor = ctx.frozen(copy.deepcopy(ctx.trained.lm))
+            # A plain model of the policy's config holding its full weights (gathered from the
+            # shards under FSDP2), refreshed in `experience`.
+            from minimind.model import MiniMindForCausalLM
+
+            old = MiniMindForCausalLM(copy.deepcopy(ctx.trained.config))
+            old.load_state_dict(ctx.policy.full_state_dict())
+            self.old_actor = ctx.frozen(old)
+
+    def fingerprint(self):
+        out = super().fingerprint()
+        if self.critic == "model":  # resuming with another critic is refused by name
+            out[self.name]["critic"] = self._critic_config
+        return out
 
     def state_dict(self):
         if self.old_actor is None:
@@ -197,7 +319,7 @@ class PPOStage(RolloutStage):
     def experience(self, batch):
         ctx, model = self.ctx, self.ctx.trained
         if self.old_actor is not None and ctx.step % self.old_freq == 0:
-            self.old_actor.load_state_dict(model.lm.state_dict())
+            self.old_actor.load_state_dict(ctx.policy.full_state_dict())
         prompts = [p.tolist() for p in batch["prompt_ids"] for _ in range(self.G)]
         answers = [a for a in batch["answers"] for _ in range(self.G)]
         ro = self.sample(prompts, self.batch_seed(batch))
