@@ -201,6 +201,9 @@ def run_job(job: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
         dist.all_gather_object(records, stage.seen)
     else:
         records = [stage.seen]
+    if job.get("export"):  # every rank calls it: FSDP2 gathers the shards for rank 0
+        folder = Path(job["result_dir"])
+        trainer.export(folder / "export", pth=folder / "export.pth")
     result = {
         "records": records,
         "weights": full_weights(trainer.model),

@@ -142,11 +142,11 @@ def job(root: Path, name: str, **kw) -> dict:
 
 # Two-process jobs: name -> settings. Each global step is 8 samples: 2 ranks x 4, or 2 x 2 x 2.
 MULTI = {
-    "ddp_pretrain": dict(stage="pretrain", batch_size=4, tokenizer=True),
+    "ddp_pretrain": dict(stage="pretrain", batch_size=4, tokenizer=True, export=True),
     "ddp_pretrain_acc": dict(stage="pretrain", batch_size=2, accumulation_steps=2),
     "ddp_sft": dict(stage="sft", batch_size=4),
     "ddp_sft_acc": dict(stage="sft", batch_size=2, accumulation_steps=2),
-    "fsdp_pretrain": dict(stage="pretrain", batch_size=4, fsdp=True, tokenizer=True),
+    "fsdp_pretrain": dict(stage="pretrain", batch_size=4, fsdp=True, tokenizer=True, export=True),
     "fsdp_sft_acc": dict(stage="sft", batch_size=2, accumulation_steps=2, fsdp=True),
     # DPO: units are pairs, the reference a frozen copy outside DDP/FSDP
     "ddp_dpo": dict(stage="dpo", batch_size=4),
@@ -163,7 +163,13 @@ MULTI = {
     # rank (the same seeds, and weights equal to the last bits).
     **{
         f"{w}_ppo{name}": dict(
-            stage="ppo", batch_size=2, tokenizer=True, steps=2, fsdp=w == "fsdp", stage_kw=kw
+            stage="ppo",
+            batch_size=2,
+            tokenizer=True,
+            steps=2,
+            fsdp=w == "fsdp",
+            stage_kw=kw,
+            export=True,
         )
         for name, kw in {
             "": {},
@@ -294,6 +300,26 @@ def test_grpo_rollouts_run_from_fsdp2_shards(runs):
     assert runs.results["fsdp_grpo"]["step"] == 2
 
 
+@pytest.mark.parametrize("name", ["ddp_pretrain", "fsdp_pretrain", "fsdp_ppo", "fsdp_ppo_critic"])
+def test_final_export_holds_the_trained_weights_under_ddp_and_fsdp2(runs, name):
+    # The export (folder and .pth) is the stage's export form of the whole trained weights:
+    # under FSDP2 every rank helps gather the shards into a plain copy that rank 0 writes.
+    trained = runs.results[name]["weights"]
+    prefix = "lm." if "ppo" in name else ""  # PPO exports the policy alone, no value head
+    folder = runs.root / name / "export"
+    model, _ = load_checkpoint(folder)
+    exported = model.state_dict()
+    assert set(exported) == {k[len(prefix) :] for k in trained if k.startswith(prefix)}
+    for key, value in exported.items():
+        assert torch.equal(value, trained[prefix + key]), key
+    from minimind.convert.minimind2 import read_pth
+
+    pth = read_pth(runs.root / name / "export.pth")  # MiniMind2's fp16 state dict
+    assert set(pth) == set(exported)
+    for key, value in pth.items():
+        assert torch.equal(value, exported[key].half()), key
+
+
 @pytest.mark.parametrize("critic", ["head", "model"])
 def test_fsdp2_ppo_matches_ddp(runs, critic):
     # PPO samples per rank (seeded by rank), so its reference is DDP on two ranks: the same
@@ -412,7 +438,8 @@ def test_only_rank_0_writes(runs):
     assert not any(runs.cwd.iterdir()), "something was written to the working directory"
     for name in MULTI:  # (a resume_ folder began as a copy of a one-process run's)
         folder = runs.root / name
-        assert {p.name for p in folder.iterdir()} == {"run", "result.pt"}, name
+        exported = {"export", ".export.lock", "export.pth"} if MULTI[name].get("export") else set()
+        assert {p.name for p in folder.iterdir()} == {"run", "result.pt"} | exported, name
         found = {str(p.relative_to(folder / "run")) for p in (folder / "run").rglob("*")}
         assert found == expected_run_files(runs, name), name
         lines = metrics(folder / "run")

@@ -377,8 +377,7 @@ def build_model(args, tokenizer, save_dir: Path):
 
 def run(stage_name: str, argv: list[str]) -> Path:
     """Parse, resolve, train, export; returns the final checkpoint folder."""
-    from minimind.convert.minimind2 import save_minimind2_pth
-    from minimind.fsutil import check_writable, explained_writes
+    from minimind.fsutil import check_writable
     from minimind.tokenizer import load_tokenizer
 
     from .config import TrainConfig
@@ -440,11 +439,8 @@ def run(stage_name: str, argv: list[str]) -> Path:
     )
     trainer = Trainer(config, stage, model, tokenizer_dir=tok_dir, world=world)
     trainer.fit()
-    with explained_writes(save_dir / name, "the final weights"):
-        final = trainer.export(save_dir / name)
-    if args.save_pth and trainer.world.is_main:
-        with explained_writes(save_dir / f"{name}.pth", "the .pth weights"):
-            save_minimind2_pth(stage.export_model(trainer.model), save_dir / f"{name}.pth")
+    pth = save_dir / f"{name}.pth" if args.save_pth else None
+    final = trainer.export(save_dir / name, pth=pth)
     if trainer.world.is_main:
         print(f"saved {final}" + (f" and {save_dir / name}.pth" if args.save_pth else ""))
     return final

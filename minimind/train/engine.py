@@ -39,6 +39,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -202,6 +203,9 @@ class Trainer:
                 load_checkpoint_weights(self.resume_from, model)
             elif world.is_main:
                 print(f"resume: no step checkpoint in {self.run_dir}; starting fresh")
+        # Under FSDP2 the parameters become shards in place; the export needs a plain module of
+        # the same structure to load the gathered weights into: a meta-device copy costs nothing.
+        self._template = copy.deepcopy(model).to("meta") if cfg.fsdp and world.distributed else None
         self.wrapped = D.wrap(model, world, cfg.fsdp)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.ctx = StageContext(
@@ -706,17 +710,41 @@ class Trainer:
             lock = step_dir(self.run_dir, step)
             lock.with_name(f".{lock.name}.lock").unlink(missing_ok=True)
 
-    def export(self, path: str | Path, dtype: str | None = None) -> Path:
+    def plain_model(self) -> nn.Module | None:
+        """The trained module with whole weights, on rank 0 (None on the other ranks): the
+        model itself, or under FSDP2 a plain CPU copy that every rank helps gather."""
+        if self._template is None:
+            return self.model if self.world.is_main else None
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=full)  # collective; rank 0 holds it
+        if not self.world.is_main:
+            return None
+        plain = copy.deepcopy(self._template).to_empty(device="cpu")
+        plain.load_state_dict(weights)
+        return plain
+
+    def export(
+        self, path: str | Path, dtype: str | None = None, pth: str | Path | None = None
+    ) -> Path:
         """The trained model as a plain checkpoint folder (the stage's export form, e.g. LoRA
-        merged), written by rank 0."""
+        merged) and, with `pth`, also as a MiniMind2 .pth; written by rank 0, every rank
+        called (FSDP2 gathers)."""
         path = Path(path)
-        if self.world.is_main:
-            save_checkpoint(
-                path,
-                self.stage.export_model(self.model),
-                dtype=dtype,
-                tokenizer_dir=self.tokenizer_dir,
-                extra_files=self.stage.export_files(self.model),
-            )
+        plain = self.plain_model()
+        if plain is not None:
+            exported = self.stage.export_model(plain)
+            with explained_writes(path, "the final weights"):
+                save_checkpoint(
+                    path,
+                    exported,
+                    dtype=dtype,
+                    tokenizer_dir=self.tokenizer_dir,
+                    extra_files=self.stage.export_files(plain),
+                )
+            if pth is not None:
+                from minimind.convert.minimind2 import save_minimind2_pth
+
+                with explained_writes(pth, "the .pth weights"):
+                    save_minimind2_pth(exported, Path(pth))
         D.barrier(self.world)
         return path
