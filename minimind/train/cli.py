@@ -405,6 +405,13 @@ def run(stage_name: str, argv: list[str]) -> Path:
         shards = resolve_data(
             stage_name, data, tok_dir, args.max_seq_len, args.on_error, verbose=world.is_main
         )
+        for flag, kind in stages()[stage_name].data_flags.items():
+            if getattr(args, flag, None):
+                folder = resolve_data(
+                    kind, getattr(args, flag), tok_dir, args.max_seq_len, args.on_error,
+                    verbose=world.is_main,
+                )  # fmt: skip
+                setattr(args, flag, str(folder))
     warn_on_data_kind(stage_name, shards, data, world.is_main)
     stage = stages()[stage_name].from_args(args, shards)
     tracker = "wandb" if args.use_wandb else "swanlab" if args.use_swanlab else None

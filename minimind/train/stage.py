@@ -145,6 +145,9 @@ class Stage:
     order: ClassVar[int] = 100  # place in `minimind train --help`
     # `max_seq_len` of the data preparation: None keeps whole documents (packed pretraining).
     prepare_cuts = True
+    # Own flags that name more data (flag -> the stage whose format it is): the command line
+    # prepares each like --data_path and hands from_args the prepared folder.
+    data_flags: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:

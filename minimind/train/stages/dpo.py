@@ -21,6 +21,13 @@ frozen reference; MiniMind's `trainer/train_dpo.py`.
   the batch's chosen tokens instead). DPO only moves log-ratios against the reference: when
   the reference finds the chosen reply very unlikely (a behaviour SFT never showed), the pair
   is "won" long before the model would write that reply; the NLL term teaches it to.
+- `--replay_data` (SFT conversations) with `--replay_alpha` > 0 replays SFT beside the pairs
+  (the "ptx" mix of InstructGPT, Ouyang et al. 2022, applied to DPO): each step's B pairs
+  bring B SFT rows drawn from the SFT stage's own training split (its held-out rows never
+  appear), seeded by (step, rank, first pair), so resume draws the same ones; they join the
+  pairs' forward as rows [2B, 3B) and add alpha x each row's mean token NLL per pair. DPO
+  sharpens the policy (mode seeking) and lowers log-probs it was never asked about; the
+  replay keeps the SFT distribution where the pairs do not speak.
 - Units are pairs: the loss is summed over pairs and the engine divides by the step's pairs.
   Logged per pair: rewards of chosen and rejected (beta x log-ratio to the reference), their
   margin, and the preference accuracy (chosen reward above rejected).
@@ -62,6 +69,7 @@ class DPOStage(LMStage):
     }
     count_is_tokens = False
     group_by_length = True
+    data_flags: ClassVar[dict[str, str]] = {"replay_data": "sft"}
 
     @classmethod
     def add_flags(cls, parser):
@@ -72,6 +80,8 @@ class DPOStage(LMStage):
         a("--logp_agg", default="sum", choices=("sum", "mean"), help="sequence log-prob")
         a("--ref", default="model", choices=("model", "precompute"), help="reference log-probs")
         a("--rpo_alpha", type=float, default=0.0, help="weight of the chosen reply's NLL")
+        a("--replay_data", default=None, help="SFT data replayed beside the pairs (jsonl)")
+        a("--replay_alpha", type=float, default=0.0, help="weight of the replayed rows' NLL")
         add_lora_flags(parser, rank=0)
 
     @classmethod
@@ -85,6 +95,8 @@ class DPOStage(LMStage):
             logp_agg=args.logp_agg,
             ref=args.ref,
             rpo_alpha=args.rpo_alpha,
+            replay=args.replay_data,
+            replay_alpha=args.replay_alpha,
             lora=lora_from_args(args),
         )
 
@@ -99,6 +111,8 @@ class DPOStage(LMStage):
         logp_agg: str = "sum",
         ref: str = "model",
         rpo_alpha: float = 0.0,
+        replay: str | Path | None = None,
+        replay_alpha: float = 0.0,
         lora=None,
         eval_fraction: float = 0.01,
         max_eval: int = 256,
@@ -111,6 +125,11 @@ class DPOStage(LMStage):
             )
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
+        if (replay is None) != (replay_alpha == 0.0) or replay_alpha < 0:
+            raise ValueError(
+                "--replay_data and --replay_alpha > 0 go together "
+                f"(got {replay!r} and {replay_alpha})"
+            )
         data = Shards(shards)
         super().__init__(data, DPODataset(data, max_seq_len), eval_fraction, max_eval)
         self.train, self.eval = Numbered(self.train), Numbered(self.eval)
@@ -120,6 +139,12 @@ class DPOStage(LMStage):
         self.ref = None
         self.lora = lora  # minimind.model.lora.LoRAConfig or None
         self._ref_cache: torch.Tensor | None = None  # (pairs, 2) reference log-probs
+        self.replay_alpha, self.replay = replay_alpha, None
+        if replay is not None:  # SFT's own train/eval split: its held-out rows stay unseen
+            from .sft import SFTStage
+
+            self._replay_source = SFTStage(replay, max_seq_len)
+            self.replay = self._replay_source.train_dataset()
 
     # ------------------------------------------------------------------ set-up
     def prepare_model(self, model):
@@ -202,16 +227,32 @@ class DPOStage(LMStage):
             batch["ref_logps"] = self._ref_logps(batch)
         else:  # (B, 2) -> (2B,): chosen rows first, as in the batch
             batch["ref_logps"] = self._ref_cache[batch["index"]].T.reshape(-1)
+        if self.replay is not None:
+            batch = self._with_replay(batch)
         return batch
+
+    def _with_replay(self, batch):
+        """B SFT rows appended to the (2B, T) pairs: (3B, T') input_ids and labels."""
+        b = int(batch["index"].shape[0])
+        gen = torch.Generator().manual_seed(self.ctx.rng_seed(int(batch["index"][0]), 0x5F7))
+        rows = torch.randint(len(self.replay), (b,), generator=gen).tolist()
+        device = batch["input_ids"].device
+        pairs = [
+            {"input_ids": ids, "labels": labels}
+            for ids, labels in zip(batch["input_ids"].cpu(), batch["labels"].cpu(), strict=True)
+        ]
+        # pairs keep their right padding (pad labels are -100 already)
+        both = pad_batch(pairs + [self.replay[i] for i in rows], self.dataset.pad_id)
+        return {**batch, **{k: v.to(device) for k, v in both.items()}}
 
     # ------------------------------------------------------------------ the loss
     def loss(self, model, batch):
         seq, aux, nll = self._seq_logps(model, batch, nll=True)
-        b = seq.shape[0] // 2
+        b = int(batch["index"].shape[0])
         ref = batch["ref_logps"]
         terms = dpo_loss(
             seq[:b],
-            seq[b:],
+            seq[b : 2 * b],
             ref[:b],
             ref[b:],
             beta=self.beta,
@@ -229,6 +270,9 @@ class DPOStage(LMStage):
         if self.rpo_alpha:
             losses = losses + self.rpo_alpha * nll[:b]
             metrics["nll_chosen"] = float(nll[:b].detach().sum())
+        if self.replay is not None:  # one replayed row per pair
+            losses = losses + self.replay_alpha * nll[2 * b :]
+            metrics["nll_replay"] = float(nll[2 * b :].detach().sum())
         return LossOutput(losses.sum(), aux=aux if aux.requires_grad else None, metrics=metrics)
 
     def fingerprint(self):
@@ -240,6 +284,12 @@ class DPOStage(LMStage):
                 "label_smoothing": self.label_smoothing,
                 "logp_agg": "mean" if self.average else "sum",
                 "rpo_alpha": self.rpo_alpha,
+                "replay": None
+                if self.replay is None
+                else {
+                    "alpha": self.replay_alpha,
+                    "data": self._replay_source.fingerprint()["data"],
+                },
                 "lora": None if self.lora is None else lora_config_dict(self.lora),
             },
         }
