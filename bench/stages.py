@@ -13,12 +13,18 @@ Measures (greedy decoding, the demo's held-out splits):
   strangers declined in generation, and the held-out SFT loss, before and after (DPO must not
   wreck the chat model).
 
+Options: `--eval-every N` adds the curve of both arithmetic measures every N steps (on a copy
+of the live weights, time not counted); `--rl-start CKPT` starts RL elsewhere than SFT (e.g.
+the demo's DPO model, as the pipeline chains them); `--replay-alpha A` gives DPO the SFT
+replay (`--replay_data`) at weight A; `--dpo-data FILE` another pairs file.
+
     python bench/stages.py --workdir runs/demo      # the folder `minimind demo` wrote
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -41,6 +47,7 @@ from minimind.train.stages.grpo import GRPOStage
 from minimind.train.stages.ppo import PPOStage
 from minimind.train.stages.sft import SFTStage
 from minimind.train.stages.spo import SPOStage
+from minimind.train.tracking import step_listener
 
 ROOT = Path(__file__).resolve().parent
 
@@ -124,10 +131,26 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
         eval_interval=0,
         seed=0,
     )
+    # The held-out curve: every --eval-every steps, both measures on a copy of the live
+    # weights (a copy: generation must not touch the trained tensors); its time is not counted.
+    curve: list[dict] = []
+    held: dict = {"trainer": None, "eval_s": 0.0}
+
+    def listen(step: int, total: int, metrics: dict) -> None:
+        if args.eval_every and step % args.eval_every == 0 and held["trainer"] is not None:
+            e0 = time.perf_counter()
+            live = copy.deepcopy(stage.export_model(held["trainer"].model))
+            curve.append({"step": step, **arith(live, tok, args.workdir)})
+            held["eval_s"] += time.perf_counter() - e0
+
+    token = step_listener.set(listen)
     t0 = time.perf_counter()
-    trainer = Trainer(config, stage, model, tokenizer_dir=ckpt)
-    trainer.fit()
-    minutes = (time.perf_counter() - t0) / 60
+    try:
+        trainer = held["trainer"] = Trainer(config, stage, model, tokenizer_dir=ckpt)
+        trainer.fit()
+    finally:
+        step_listener.reset(token)
+    minutes = (time.perf_counter() - t0 - held["eval_s"]) / 60
     after = arith(stage.export_model(trainer.model), tok, args.workdir)
     logs = [json.loads(x) for x in (tmp / kind / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in logs if "reward" in m]
@@ -137,6 +160,14 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
         "minutes": minutes,
         "arith_before": before,
         "arith_after": after,
+        "curve": [
+            {
+                "step": c["step"],
+                "rl_pairs": c["rl_pairs"]["accuracy"],
+                "held_out": c["held_out"]["accuracy"],
+            }
+            for c in curve
+        ],
         "train_reward_first": steps[0]["reward"],
         "train_reward_last": steps[-1]["reward"],
         "experience_s_per_step": sum(m.get("experience_s", 0) for m in steps) / len(steps),
@@ -154,7 +185,8 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
 def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
     model, _ = load_checkpoint(ckpt)
     tok = load_tokenizer(ckpt)
-    prepare(args.workdir / "dataset" / "dpo.jsonl", ckpt, tmp / "shards_dpo", max_seq_len=256)
+    pairs = args.dpo_data or args.workdir / "dataset" / "dpo.jsonl"
+    prepare(pairs, ckpt, tmp / "shards_dpo", max_seq_len=256)
     prepare(
         args.workdir / "dataset" / "sft_mini_512.jsonl", ckpt, tmp / "shards_sft", max_seq_len=256
     )
@@ -164,6 +196,8 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
         256,
         beta=args.dpo_beta,
         rpo_alpha=args.rpo_alpha,
+        replay=tmp / "shards_sft" if args.replay_alpha else None,
+        replay_alpha=args.replay_alpha,
         lora=lora,
         max_eval=64,
     )
@@ -194,6 +228,7 @@ def run_dpo(args, ckpt: Path, tmp: Path) -> dict:
             "epochs": args.dpo_epochs,
             "beta": args.dpo_beta,
             "rpo_alpha": args.rpo_alpha,
+            "replay_alpha": args.replay_alpha,
             "lora_rank": args.dpo_lora,
             "batch": 8,
         },
@@ -205,21 +240,31 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--stages", default="dpo,grpo,ppo,spo")
     p.add_argument("--rl-steps", type=int, default=160)
+    p.add_argument("--rl-start", type=Path, default=None, help="RL's start (default: SFT's)")
     p.add_argument("--rl-batch", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0, help="GRPO beta, PPO kl_coef")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out curve every N steps")
     p.add_argument("--spo-init", type=int, default=4, help="SPO prior samples per prompt")
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--dpo-epochs", type=int, default=2)
     p.add_argument("--rpo-alpha", type=float, default=1.0)
     p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--replay-alpha", type=float, default=0.0, help="DPO: SFT replay weight")
+    p.add_argument("--dpo-data", type=Path, default=None, help="default: the demo's dpo.jsonl")
     p.add_argument("--dpo-lora", type=int, default=0, help="LoRA rank for DPO (0: full)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "stages.json")
     args = p.parse_args()
     torch.manual_seed(0)
     ckpt = sft_checkpoint(args.workdir)
-    result: dict = {"checkpoint": str(ckpt), "machine": platform.platform(), "date": time.ctime()}
+    rl_start = args.rl_start or ckpt
+    result: dict = {
+        "checkpoint": str(ckpt),
+        "rl_start": str(rl_start),
+        "machine": platform.platform(),
+        "date": time.ctime(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.stages.split(","):
             print(f"== {name}", flush=True)
@@ -228,7 +273,7 @@ def main() -> None:
             if name == "dpo":
                 result[name] = run_dpo(args, ckpt, work)
             else:
-                result[name] = run_rl(name, args, ckpt, work)
+                result[name] = run_rl(name, args, rl_start, work)
             print(json.dumps(result[name], indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

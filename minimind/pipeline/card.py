@@ -59,6 +59,13 @@ def goals(stages: dict, total_s: float | None, budget_s: float | None) -> list[d
     out.append(_goal("DPO preference accuracy (held-out pairs)", ">= 90%", pref,
                      None if pref is None else pref >= 0.9, "higher summed log-prob on chosen",
                      "dpo/dpo"))  # fmt: skip
+    loss = _row(stages, "dpo", "sft_loss")
+    rise = None
+    if loss is not None and loss["before"] and loss["after"] is not None:
+        rise = loss["after"] / loss["before"] - 1
+    out.append(_goal("DPO keeps the held-out SFT loss", "<= 10% above SFT's", rise,
+                     None if rise is None else rise <= 0.10,
+                     "mean token loss on SFT's held-out conversations (issue 10)"))  # fmt: skip
     ce = _row(stages, "distill", "held_out_ce")
     ok = None
     if ce is not None and ce["before"] is not None and ce["after"] is not None:

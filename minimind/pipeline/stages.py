@@ -381,11 +381,14 @@ def lora(run: Run) -> dict:
 # ---------------------------------------------------------------------- preference and RL
 def dpo(run: Run) -> dict:
     from minimind.train.stages.dpo import DPOStage
+    from minimind.train.stages.sft import SFTStage
 
     r = run.recipe
+    replay = run.shards("sft") if r.dpo_replay_alpha else None
     stage = DPOStage(
-        run.shards("dpo"), r.seq_len, beta=r.dpo_beta, rpo_alpha=r.dpo_rpo_alpha, max_eval=64
-    )
+        run.shards("dpo"), r.seq_len, beta=r.dpo_beta, rpo_alpha=r.dpo_rpo_alpha, max_eval=64,
+        replay=replay, replay_alpha=r.dpo_replay_alpha,
+    )  # fmt: skip
     model, trainer, ckpt = run.train(
         "dpo", stage, run.load("sft"), epochs=r.dpo_epochs, batch=r.dpo_batch, lr=r.dpo_lr
     )
@@ -393,6 +396,14 @@ def dpo(run: Run) -> dict:
     metrics = run.measures.compare(
         tasks, run.model_name("sft"), run.load("sft"), run.model_name("dpo"), model
     )
+    # what DPO costs the chat model: the loss on SFT's held-out conversations, before and after
+    sft_eval = SFTStage(run.shards("sft"), r.seq_len)
+    metrics.append({
+        "name": "sft_loss", "label": "held-out SFT loss", "split": "held-out",
+        "before": run.probe(sft_eval, run.load("sft"))["eval_loss"],
+        "after": run.probe(sft_eval, model)["eval_loss"],
+        "unit": "loss", "chance": None, "n": len(sft_eval.eval_dataset()),
+    })  # fmt: skip
     _print_metrics(metrics)
     by_kind = run.measures.score(run.model_name("dpo"), model, "dpo").get("by_kind", {})
     return {
