@@ -28,6 +28,7 @@ from minimind.model import MiniMindForCausalLM, preset
 from minimind.train.config import TrainConfig
 from minimind.train.engine import Trainer
 from minimind.train.rewards import RewardSpec
+from tests.dist_worker import Stop, StoppingTrainer
 from tests.train_fixtures import make_data, make_stage, tiny_model
 
 
@@ -126,22 +127,6 @@ def test_every_critic_parameter_moves_at_the_critic_learning_rate(data, tmp_path
     scales = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
     for name, p in trainer.model.named_parameters():
         assert scales[id(p)] == (scale if name in critic else 1.0), name
-
-
-class Stop(Exception):
-    pass
-
-
-class StoppingTrainer(Trainer):
-    """Stops the run (an exception) right after the step checkpoint `stop_after`."""
-
-    stop_after: int | None = None
-
-    def _save_step(self):
-        path = super()._save_step()
-        if self.stop_after is not None and self.step >= self.stop_after:
-            raise Stop
-        return path
 
 
 def test_critic_is_checkpointed_resumes_bit_exactly_and_is_not_exported(data, tmp_path):
