@@ -33,6 +33,12 @@ streams' inter-token latency while a long prompt is prefilled, whole or in chunk
 to first token of n=8 choices against n=1, with prompt sharing off and on (default JSON
 bench/results/serve_mixed.json). `--load_from` serves a trained checkpoint instead of random
 weights (e.g. the demo's).
+
+`--draft PATH|ngram` compares speculative decoding in the server with plain decoding
+(`main_draft`): two servers of the checkpoint, one with `--draft`, taking turns on the same
+greedy questions (`--questions`: a chat jsonl's user turns), tokens/s per side and level,
+their ratio, the draft side's acceptance and tokens per target forward from /health, and
+whether every reply was the same (default JSON bench/results/serve_draft.json).
 """
 
 from __future__ import annotations
@@ -103,6 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--n", type=int, default=8, help="choices in the TTFT comparison")
     m.add_argument("--window", type=float, default=1.0, help="seconds of gaps before the long "
                    "prompt")  # fmt: skip
+    d = p.add_argument_group("speculative decoding (--draft)")
+    d.add_argument("--draft", default=None, metavar="PATH|ngram", help="compare a server "
+                   "with `--draft` against one without, sides taking turns (see above)")  # fmt: skip
+    d.add_argument("--draft-k", type=int, default=None, help="the draft side's "
+                   "--num_draft_tokens (default: adaptive)")  # fmt: skip
+    d.add_argument("--questions", type=Path, default=None, help="chat jsonl (MiniMind's SFT "
+                   "format) whose user turns are asked, greedily (default: one question)")  # fmt: skip
+    d.add_argument("--num-questions", type=int, default=64, help="user turns taken from it")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.clients, args.tokens, args.rounds, args.repeats = "tiny", "1,4", 16, 1, 1
@@ -116,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.chunk = PREFILL_CHUNK
     if args.out is None:
         args.out = DEFAULT_OUT.with_name("serve_mixed.json") if args.mixed else DEFAULT_OUT
+        if args.draft is not None:
+            args.out = DEFAULT_OUT.with_name("serve_draft.json")
     return args
 
 
@@ -192,51 +208,81 @@ async def sse_post(url: str, path: str, body: dict) -> AsyncIterator[str]:
         writer.close()
 
 
-async def one_request(url: str, model: str, tokens: int, seed: int) -> dict:
+async def one_request(
+    url: str, model: str, tokens: int, seed: int, question: str | None = None
+) -> dict:
+    """One streamed chat request: `tokens` forced, sampled (the default: a random model's
+    greedy text is one token repeated), or with `question`, a greedy reply of at most
+    `tokens` that ends where the model ends it (--draft mode: real replies of a trained
+    model). -> time to first text, completion tokens, seconds, the text."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": QUESTION}],
+        "messages": [{"role": "user", "content": question or QUESTION}],
         "max_tokens": tokens,
-        "ignore_eos": True,
-        "temperature": 1.0,  # a random model's greedy text is one token repeated
-        "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if question is None:
+        body.update(ignore_eos=True, temperature=1.0, seed=seed)
+    else:
+        body.update(temperature=0)
     t0 = time.perf_counter()
     first = None
     count = 0
+    text = []
     async for data in sse_post(url, "/v1/chat/completions", body):
         if data == "[DONE]":
             break
         chunk = json.loads(data)
         if chunk.get("usage"):
             count = chunk["usage"]["completion_tokens"]
-        if first is None and any(
-            c["delta"].get("content") or c["delta"].get("reasoning_content")
-            for c in chunk["choices"]
-        ):
-            first = time.perf_counter() - t0
+        for c in chunk["choices"]:
+            piece = (c["delta"].get("reasoning_content") or "") + (c["delta"].get("content") or "")
+            text.append(piece)
+            if first is None and piece:
+                first = time.perf_counter() - t0
     seconds = time.perf_counter() - t0
-    return {"ttft": first if first is not None else seconds, "tokens": count, "seconds": seconds}
+    return {
+        "ttft": first if first is not None else seconds,
+        "tokens": count,
+        "seconds": seconds,
+        "text": "".join(text),
+    }
 
 
-async def run_level(url: str, model: str, clients: int, args) -> dict:
+async def run_level(
+    url: str, model: str, clients: int, args, questions: list[str] | None = None
+) -> dict:
+    """`clients` concurrent clients, `args.rounds` requests each; with `questions`, client c's
+    round r asks questions[(c * rounds + r) % len] greedily (the same question under the same
+    key on every side, so replies can be compared)."""
     async with httpx.AsyncClient(timeout=600) as client:
         before = (await client.get(url + "/health")).json()
         results: list[dict] = []
         t0 = time.perf_counter()
 
-        async def loop() -> None:
-            for _ in range(args.rounds):
+        async def loop(c: int) -> None:
+            for r in range(args.rounds):
                 if time.perf_counter() - t0 > args.max_seconds:
                     return
                 seed = len(results)
-                results.append(await one_request(url, model, args.tokens, seed))
+                key = c * args.rounds + r
+                question = None if questions is None else questions[key % len(questions)]
+                out = await one_request(url, model, args.tokens, seed, question)
+                results.append({**out, "key": key})
 
-        await asyncio.gather(*(loop() for _ in range(clients)))
+        await asyncio.gather(*(loop(c) for c in range(clients)))
         wall = time.perf_counter() - t0
         after = (await client.get(url + "/health")).json()
+    spec = {}
+    if "speculation" in after:  # this level's share of the server's totals
+        a, b = after["speculation"], before["speculation"]
+        d = {k: a[k] - b[k] for k in ("drafted", "accepted", "row_forwards", "tokens")}
+        spec = {
+            "speculation": d,
+            "acceptance_rate": d["accepted"] / d["drafted"] if d["drafted"] else 0.0,
+            "tokens_per_forward": d["tokens"] / d["row_forwards"] if d["row_forwards"] else 0.0,
+        }
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     steps = after["steps"] - before["steps"]
@@ -250,6 +296,8 @@ async def run_level(url: str, model: str, clients: int, args) -> dict:
         "ttft_p50_ms": 1000 * percentile(ttfts, 50),
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "rows_per_step": (after["tokens"] - before["tokens"]) / steps if steps else 0.0,
+        "replies": {r["key"]: r["text"] for r in results} if questions is not None else None,
+        **spec,
     }
 
 
@@ -316,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.mixed:
         return main_mixed(args)
+    if args.draft is not None:
+        return main_draft(args)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, params = make_checkpoint(Path(tmp), args.preset)
         if args.load_from is not None:
@@ -427,6 +477,138 @@ def main_mixed(args) -> dict:
         f"{args.server_threads} thread(s); 1-min load average {load_start[0]:.1f} -> "
         f"{load_end[0]:.1f}"
     )
+    write_report(report, args.out)
+    print(f"wrote {args.out}")
+    return report
+
+
+# --- --draft: speculative decoding in the server, with and without ----------------------------
+
+
+def chat_questions(data: Path | None, n: int) -> list[str]:
+    """The first n user turns of a chat jsonl, or the one built-in question."""
+    if data is None:
+        return [QUESTION]
+    out = []
+    for line in data.read_text("utf-8").splitlines():
+        for turn in json.loads(line)["conversations"]:
+            if turn["role"] == "user" and turn["content"].strip():
+                out.append(turn["content"])
+                break
+        if len(out) == n:
+            break
+    return out
+
+
+def main_draft(args) -> dict:
+    """`--draft`: two servers of one checkpoint, `plain` and `draft` (`--draft SPEC`), both
+    up, the sides taking turns level by level (their order swapped every repeat) on the same
+    greedy requests: client c's round r asks the same question on both sides. Per level and
+    side the best run's tokens/s; the ratio of the bests and the median of the paired runs'
+    ratios; the draft side's acceptance and tokens per target forward (from /health); and
+    whether every reply was the same on both sides (greedy: it must be)."""
+    questions = chat_questions(args.questions, args.num_questions)
+    flags = {"plain": [], "draft": ["--draft", str(args.draft)]}
+    if args.draft_k is not None:
+        flags["draft"] += ["--num_draft_tokens", str(args.draft_k)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, params = (
+            (args.load_from, None) if args.load_from else make_checkpoint(Path(tmp), args.preset)
+        )
+        procs, urls = {}, {}
+        try:
+            for side, extra in flags.items():
+                procs[side], urls[side] = start_server(ckpt, args, extra)
+            model = httpx.get(urls["plain"] + "/v1/models").json()["data"][0]["id"]
+            warm = argparse.Namespace(**{**vars(args), "rounds": 1})
+            for url in urls.values():
+                asyncio.run(run_level(url, model, 1, warm, questions))
+            load_start = os.getloadavg()
+            runs = {side: {n: [] for n in args.levels} for side in flags}
+            for rep in range(args.repeats):
+                order = list(flags) if rep % 2 == 0 else list(flags)[::-1]
+                for n in args.levels:
+                    for side in order:
+                        runs[side][n].append(
+                            asyncio.run(run_level(urls[side], model, n, args, questions))
+                        )
+            load_end = os.getloadavg()
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(30)
+    levels = []
+    for n in args.levels:
+        plain, draft = runs["plain"][n], runs["draft"][n]
+        best_p = max(plain, key=lambda r: r["tokens_per_s"])
+        best_d = max(draft, key=lambda r: r["tokens_per_s"])
+        drafted = sum(r["speculation"]["drafted"] for r in draft)
+        accepted = sum(r["speculation"]["accepted"] for r in draft)
+        row_forwards = sum(r["speculation"]["row_forwards"] for r in draft)
+        tokens = sum(r["speculation"]["tokens"] for r in draft)
+        levels.append(
+            {
+                "clients": n,
+                "plain_tokens_per_s": best_p["tokens_per_s"],
+                "draft_tokens_per_s": best_d["tokens_per_s"],
+                "ratio": best_d["tokens_per_s"] / best_p["tokens_per_s"],
+                "paired_ratio_median": statistics.median(
+                    d["tokens_per_s"] / p["tokens_per_s"] for p, d in zip(plain, draft)
+                ),
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "tokens_per_forward": tokens / row_forwards if row_forwards else 0.0,
+                "same_replies": all(p["replies"] == d["replies"] for p, d in zip(plain, draft)),
+                "requests": best_p["requests"],
+                "completion_tokens": best_p["tokens"],
+                "plain_all_tokens_per_s": [r["tokens_per_s"] for r in plain],
+                "draft_all_tokens_per_s": [r["tokens_per_s"] for r in draft],
+            }
+        )
+    report = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": args.device,
+            "cpu": cpu_name(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "server_threads": args.server_threads,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "torch": torch.__version__,
+            "checkpoint": str(ckpt),
+            "params": params,
+            "draft": str(args.draft),
+            "draft_k": args.draft_k or "adaptive",
+            "questions": len(questions),
+            "max_tokens": args.tokens,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
+        "levels": levels,
+    }
+    print(
+        f"{ckpt} with and without --draft {args.draft} (k {report['meta']['draft_k']}), "
+        f"greedy, {len(questions)} questions, max {args.tokens} tokens, {args.rounds} per "
+        f"client, best of {args.repeats} turns; 1-min load {load_start[0]:.1f} -> "
+        f"{load_end[0]:.1f}"
+    )
+    rows = [("clients", "plain tok/s", "draft tok/s", "ratio", "paired", "accepted",
+             "tok/forward", "same replies")]  # fmt: skip
+    for lv in levels:
+        rows.append(
+            (
+                str(lv["clients"]),
+                f"{lv['plain_tokens_per_s']:.0f}",
+                f"{lv['draft_tokens_per_s']:.0f}",
+                f"{lv['ratio']:.2f}x",
+                f"{lv['paired_ratio_median']:.2f}x",
+                f"{lv['acceptance_rate']:.0%}",
+                f"{lv['tokens_per_forward']:.2f}",
+                str(lv["same_replies"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows))
     write_report(report, args.out)
     print(f"wrote {args.out}")
     return report

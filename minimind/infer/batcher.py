@@ -1,4 +1,5 @@
-"""Continuous batching: concurrent generation requests decoded together, one token per step.
+"""Continuous batching: concurrent generation requests decoded together, one token per step
+(or, with a draft, each row's verified drafts plus one).
 
 Owns the scheduling of requests over token ids: a bounded waiting queue, admission into the
 running batch, batched prefill, one decode step for every running row, and the removal of rows
@@ -55,6 +56,22 @@ Design decisions:
   prompt, an earlier turn of the conversation), at least its last token fed; `Request.cached`
   says how many tokens came from the cache (the server's `cached_tokens`). `share_prompts`
   False turns the sharing of equal prompts off (bench/serve.py --mixed measures both sides).
+- Speculative decoding (`draft`: "ngram" or a draft model with the model's vocabulary;
+  speculative.py holds the rule, the drafters and the verification). A decoding round of a
+  group: every speculating row drafts up to its own k tokens (adapted per row from its own
+  acceptance, or `num_draft_tokens`; never past its budget), one (R_g, T) forward of
+  [last, drafts] blocks (right-aligned, shorter drafts left-padded) verifies them all, and each
+  row emits its accepted drafts plus the target's own token; `KVCache.rollback` drops each
+  row's rejected drafts, so rows advance by their own accepted lengths (a row that keeps fewer
+  leaves a hole that attention skips; `select`/`merge` carry holes along). A draft model keeps
+  one cache per group beside the target's, prefilled with the whole prompt when its rows join
+  and placed, merged, grown and trimmed with it; it lags the emitted tokens by its rows'
+  `pending` tokens, fed at the next round's start. Greedy rows emit plain decoding's tokens;
+  sampled rows draw with their own generators (uniforms only for their own drafts), so a
+  seeded request draws what `generate(..., draft=...)` draws for it alone (tested). Rows with
+  repetition/presence/frequency penalties do not speculate (a penalty's state changes inside
+  a verified block): they take one token per round from the same forward, chosen plainly.
+  `stats()["speculation"]` counts drafted/accepted tokens and target forwards.
 - Back-pressure, not unbounded buffering: `submit` raises `QueueFull` when `max_waiting`
   requests already wait; the server turns that into HTTP 429.
 - A sink is called from the worker thread and must not block (the server's hands the token to
@@ -77,6 +94,18 @@ from minimind.model import KVCache, MiniMindForCausalLM
 from .generation import GenerationConfig, TokenChooser, left_pad, stop_token_ids
 from .prefix_cache import PrefixCache
 from .sampling import choose
+from .speculative import (
+    K_START,
+    NGRAM,
+    Rule,
+    SpeculationStats,
+    check_draft,
+    draft_with_model,
+    next_k,
+    ngram_draft,
+    verify,
+)
+from .speculative import _left_pad as block_pad
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +163,19 @@ class Request:
 
 @dataclass(eq=False)
 class _Row:
-    """A running request: its chooser, tokens generated so far and stop ids."""
+    """A running request: its chooser, tokens generated so far and stop ids; with a draft,
+    whether it speculates, its draft length, its tokens (n-gram) or the tokens the draft
+    model has not been fed yet."""
 
     request: Request
     chooser: TokenChooser
     stops: frozenset[int]
     generated: int = 0
+    spec: bool = False  # drafts verified (no penalty), else plain decoding in the same forward
+    rule_key: tuple = ()  # speculative.Rule.key: rows with equal keys are verified together
+    k: int = 0  # its next draft length (adapted per row when num_draft_tokens is None)
+    history: list[int] | None = None  # "ngram": prompt + output, where drafts are looked up
+    pending: list[int] = field(default_factory=list)  # draft model: emitted, not yet fed to it
 
 
 @dataclass(eq=False)
@@ -149,6 +185,7 @@ class _Group:
     rows: list[_Row]
     cache: KVCache
     last: torch.Tensor  # (R,) long: each row's newest, unfed token
+    draft: KVCache | None = None  # the draft model's cache of the same rows (with a draft model)
 
 
 @dataclass(eq=False)
@@ -185,6 +222,8 @@ class Batcher:
         share_prompts: bool = True,
         max_groups: int = 4,
         group_waste: int = 4096,
+        draft: str | MiniMindForCausalLM | None = None,
+        num_draft_tokens: int | None = None,
     ):
         if max_rows < 1 or max_waiting < 0 or growth < 1 or max_prefill_tokens < 1:
             raise ValueError(
@@ -202,6 +241,16 @@ class Batcher:
         self.share_prompts = share_prompts  # False: every request prefills its own prompt
         self.max_groups, self.group_waste = max(1, max_groups), group_waste
         self.device = next(model.parameters()).device
+        if draft is not None:
+            check_draft(model, draft)  # a draft model's vocabulary, device; "ngram"
+        if num_draft_tokens is not None and not (
+            isinstance(num_draft_tokens, int) and 1 <= num_draft_tokens <= 64
+        ):
+            raise ValueError(f"num_draft_tokens must be in 1..64 or None, got {num_draft_tokens}")
+        self.draft = draft  # None: plain decoding; "ngram"; or a draft model
+        self.draft_model = None if draft is None or isinstance(draft, str) else draft
+        self.num_draft_tokens = num_draft_tokens  # None: adapted per row from its acceptance
+        self.speculation = SpeculationStats(k=num_draft_tokens or K_START)
 
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -268,6 +317,24 @@ class Batcher:
             "cache_slots": sum(g.cache.batch_size * g.cache.max_len for g in groups),
             **{k: self.counters[k] for k in COUNTERS},
             **({} if self.prefix_cache is None else self.prefix_cache.stats()),
+            **({} if self.draft is None else {"speculation": self.speculation_stats()}),
+        }
+
+    def speculation_stats(self) -> dict:
+        """With a draft: drafted and accepted tokens, verification forwards of the target
+        (one per cache group and round, counting rounds in which no row drafted), the
+        acceptance rate and the tokens a row gains per target forward (plain decoding: 1)."""
+        s = self.speculation
+        return {
+            "draft": NGRAM if self.draft == NGRAM else "model",
+            "num_draft_tokens": self.num_draft_tokens or "adaptive",
+            "drafted": s.drafted,
+            "accepted": s.accepted,
+            "target_forwards": s.rounds,
+            "row_forwards": s.row_rounds,
+            "tokens": s.tokens,
+            "acceptance_rate": round(s.acceptance_rate, 4),
+            "tokens_per_forward": round(s.tokens_per_forward, 4),
         }
 
     # --- the worker thread ------------------------------------------------------------------
@@ -334,15 +401,15 @@ class Batcher:
 
     def _decode(self) -> None:
         """One token for every running row: one (R_g, 1) forward per group, one choice over
-        all rows (grouped sampling works across groups)."""
+        all rows (grouped sampling works across groups). With a draft, one speculative round
+        per group instead (`_speculate`)."""
+        if self.draft is not None:
+            for group in list(self._groups):
+                self._speculate(group)
+            return
         logits = []
         for group in self._groups:
-            cache = group.cache
-            if cache.length + 1 > cache.max_len:  # grow by `growth` slots (and trim)
-                cache = group.cache = cache.select(
-                    torch.arange(cache.batch_size, device=self.device),
-                    self._capacity(0, group.rows),
-                )
+            cache = group.cache = self._room(group.cache, 1, group.rows)
             out = self.model(group.last[:, None], cache=cache, logits_to_keep=1)
             logits.append(out.logits[:, -1])
         rows = self._rows
@@ -354,6 +421,147 @@ class Batcher:
             group.last = tokens[start : start + n]
             self._drop(group, [j for j in range(n) if start + j in finished])
             start += n
+
+    def _room(self, cache: KVCache, need: int, rows: Sequence[_Row]) -> KVCache:
+        """`cache`, or a copy with at least `need` free slots (`growth` more, trimmed)."""
+        if cache.length + need <= cache.max_len:
+            return cache
+        index = torch.arange(cache.batch_size, device=self.device)
+        return cache.select(index, max(need, self._capacity(0, rows)))
+
+    # --- speculative decoding (with a draft) --------------------------------------------------
+    def _speculate(self, group: _Group) -> None:
+        """One speculative round over a group: each speculating row drafts up to its k tokens
+        (n-gram lookup in its own tokens, or the draft model over the group's draft cache),
+        one (R_g, T) target forward verifies them all (rows right-aligned in the block, shorter
+        drafts left-padded), each row emits its accepted drafts plus one token of the target's
+        (plain rows, with penalties, choose their one token from the last column), and every
+        row's rejected drafts are rolled back in both caches: rows keep their own accepted
+        lengths (KVCache.rollback leaves holes that attention skips). No row drafting: the
+        block is plain decoding's (R_g, 1) step."""
+        rows = group.rows
+        ks = [self._draft_len(row) for row in rows]
+        parts = self._parts(rows)
+        q, fed = None, 0  # fed: draft-model steps this round (0: it was not run)
+        if not any(ks):
+            drafts = [[] for _ in rows]
+        elif self.draft_model is None:
+            drafts = [ngram_draft(row.history, k) if k else [] for row, k in zip(rows, ks)]
+        else:
+            fed = max(ks)
+            width = max(len(row.pending) for row in rows)
+            dcache = group.draft = self._room(group.draft, width + fed - 1, rows)
+
+            def forward(ids, mask):
+                out = self.draft_model(ids, attention_mask=mask, cache=dcache, logits_to_keep=1)
+                return out.logits[:, -1]
+
+            def step(tok):
+                return self.draft_model(tok[:, None], cache=dcache, logits_to_keep=1).logits[:, -1]
+
+            emitted = [row.generated for row in rows]
+            pending = [row.pending for row in rows]
+            pad = self.model.config.pad_token_id
+            drafts, q = draft_with_model(
+                forward, step, pending, ks, emitted, parts, pad, self.device
+            )
+        m = [len(d) for d in drafts]
+        cache = group.cache = self._room(group.cache, 1 + max(m), rows)
+        if max(m):
+            last = group.last.tolist()
+            blocks = [[t, *d] for t, d in zip(last, drafts)]
+            ids, mask = block_pad(blocks, self.model.config.pad_token_id, self.device)
+            logits = self.model(ids, attention_mask=mask, cache=cache).logits  # (R, T, V)
+        else:
+            logits = self.model(group.last[:, None], cache=cache, logits_to_keep=1).logits
+        runs, accepted = self._pick(rows, logits, drafts, q, parts)
+        before = self.counters["tokens"]
+        finished = self._emit_runs(rows, runs)
+
+        stats = self.speculation
+        stats.rounds += 1
+        stats.row_rounds += len(rows)
+        stats.drafted += sum(m)
+        stats.accepted += sum(accepted)
+        stats.tokens += self.counters["tokens"] - before
+        # the target holds [last, d_1..d_m] of each row, the draft model (when it ran) its
+        # pending tokens + `fed` - 1 drafts or stand-ins: both keep through d_a
+        cache.rollback([mj - a for mj, a in zip(m, accepted)])
+        if fed:
+            group.draft.rollback([(fed - 1) - min(a, fed - 1) for a in accepted])
+        for row, d, a, run in zip(rows, drafts, accepted, runs):
+            if self.draft_model is not None:
+                if not fed:  # the draft model did not run: nothing consumed
+                    row.pending = [*row.pending, *run]
+                elif a == fed:  # all drafted and accepted: d_k was never fed to it
+                    row.pending = [d[-1], run[-1]]
+                else:
+                    row.pending = [run[-1]]
+            if self.num_draft_tokens is None:
+                row.k = next_k(row.k, len(d), a)
+        stats.k = max(row.k for row in rows)
+        group.last = torch.tensor([run[-1] for run in runs], device=self.device)
+        self._drop(group, finished)
+
+    def _draft_len(self, row: _Row) -> int:
+        """Drafts this row proposes now: its k, less its own token, within its budget."""
+        if not row.spec:
+            return 0
+        return max(0, min(row.k, row.request.budget - row.generated - 1))
+
+    def _parts(self, rows: Sequence[_Row]) -> list[tuple[Rule, list[int]]]:
+        """The speculating rows (their indices in `rows`) by equal sampling settings, each
+        part with one Rule over its rows' own generators (a request draws as it would alone)."""
+        by_key: dict[tuple, list[int]] = {}
+        for j, row in enumerate(rows):
+            if row.spec:
+                by_key.setdefault(row.rule_key, []).append(j)
+        parts = []
+        for members in by_key.values():
+            first = rows[members[0]]
+            gens = None
+            if first.request.config.temperature > 0:
+                gens = [rows[j].chooser.generator for j in members]
+            stops = sorted(first.stops)
+            parts.append((Rule(first.request.config, stops, gens, self.device), members))
+        return parts
+
+    def _pick(self, rows, logits, drafts, q, parts) -> tuple[list[list[int]], list[int]]:
+        """logits (R, T, V), row j's columns [last, d_1..d_m_j] right-aligned -> (runs: each
+        row's accepted drafts and its own token, accepted counts). Speculating rows by
+        `speculative.verify`, part by part; the others (penalties) choose one token from
+        their last column with their own chooser, as plain decoding does."""
+        runs: list[list[int]] = [[] for _ in rows]
+        accepted = [0] * len(rows)
+        plain = [j for j, row in enumerate(rows) if not row.spec]
+        if plain:
+            index = torch.tensor(plain, device=self.device)
+            chosen = self._choose_plain(logits[index, -1], [rows[j] for j in plain])
+            for j, token in zip(plain, chosen.tolist()):
+                runs[j] = [token]
+        for rule, members in parts:
+            index = torch.tensor(members, device=self.device)
+            got, acc, _ = verify(
+                logits[index],
+                [drafts[j] for j in members],
+                None if q is None else q[index],
+                [rows[j].generated for j in members],
+                rule,
+            )
+            for j, run, a in zip(members, got, acc):
+                runs[j], accepted[j] = run, a
+        return runs, accepted
+
+    def _draft_prefill(self, prompts: list[list[int]]) -> KVCache:
+        """The draft model's cache of `prompts` (left-padded, one forward): new rows' draft
+        caches, merged into their group's as their target cache rows are. Whole prompts, even
+        where the target read a prefix from the cache or prefilled in chunks: the draft model
+        is the small one."""
+        mcfg = self.model.config
+        ids, mask = left_pad(prompts, mcfg.pad_token_id, mcfg.vocab_size, self.device)
+        cache = self.draft_model.new_cache(len(prompts), ids.shape[1])
+        self.draft_model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        return cache
 
     # --- admission: prefill (whole, chunked, or from the prefix cache) ------------------------
     def _admit(self) -> None:
@@ -506,21 +714,32 @@ class Batcher:
             keep = [i for i in range(len(new)) if i not in done]
             if not keep:
                 continue
-            caches.append((cache, index[keep]))
+            draft = None
+            if self.draft_model is not None:
+                draft = self._draft_prefill([job.prompt for job in jobs])
+                for i in keep:
+                    new[i].pending = [int(first[i])]
+            caches.append((cache, draft, index[keep]))
             rows.append([new[i] for i in keep])
             firsts.append(first[keep])
-        for (cache, index), new, first in zip(caches, rows, firsts):
-            self._place(cache, index, new, first)
+        for (cache, draft, index), new, first in zip(caches, rows, firsts):
+            self._place(cache, draft, index, new, first)
 
     def _place(
-        self, cache: KVCache, index: torch.Tensor, rows: list[_Row], first: torch.Tensor
+        self,
+        cache: KVCache,
+        draft: KVCache | None,
+        index: torch.Tensor,
+        rows: list[_Row],
+        first: torch.Tensor,
     ) -> None:
         """New rows (cache rows `index` of their prefill's cache; an index repeats for the
         choices that share a prompt) join the group where merging them wastes the fewest
         padded slots, or start a group of their own when every merge would waste more than
         `group_waste` (rows x slots: a long prompt among short rows) and fewer than
         `max_groups` groups run. Each group is one forward per step: fewer groups, less
-        per-step overhead; more, less attention over padding."""
+        per-step overhead; more, less attention over padding. `draft`: the draft model's
+        cache of the same prefill rows, placed alike."""
         used = cache.used()
         best, waste = None, 0
         for group in self._groups:
@@ -531,11 +750,16 @@ class Batcher:
                 best, waste = group, w
         if best is None or (waste > self.group_waste and len(self._groups) < self.max_groups):
             extra = self._capacity(0, rows)  # room ahead, as a merge would give
-            self._groups.append(_Group(rows, cache.select(index, extra), first))
+            dcache = None if draft is None else draft.select(index, extra)
+            self._groups.append(_Group(rows, cache.select(index, extra), first, dcache))
             return
         cache.reorder(index)
         top = max(used, best.cache.used())
         best.cache = KVCache.merge([best.cache, cache], self._capacity(top, best.rows + rows))
+        if draft is not None:
+            draft.reorder(index)
+            top = max(draft.used(), best.draft.used())
+            best.draft = KVCache.merge([best.draft, draft], self._capacity(top, best.rows + rows))
         best.rows = best.rows + rows
         best.last = torch.cat([best.last, first])
 
@@ -544,7 +768,16 @@ class Batcher:
         stops = stop_token_ids(request.config, mcfg.eos_token_id)
         prompt = torch.tensor([request.prompt], device=self.device)
         chooser = TokenChooser(request.config, prompt, None, mcfg.vocab_size, stops)
-        return _Row(request, chooser, frozenset(stops))
+        row = _Row(request, chooser, frozenset(stops))
+        if self.draft is not None:
+            # penalties change inside a verified block: such a row decodes plainly, its one
+            # token per round chosen from the same forward (speculative.check_config's reason)
+            row.spec = chooser.seen is None and chooser.counts is None
+            row.rule_key = Rule.key(request.config, sorted(stops))
+            row.k = self.num_draft_tokens or K_START
+            if self.draft == NGRAM:
+                row.history = list(request.prompt)
+        return row
 
     def _capacity(self, used: int, rows: Sequence[_Row]) -> int:
         """Slots to allocate for a window of `used` slots: `growth` more, or fewer when no row
@@ -553,6 +786,16 @@ class Batcher:
         return used + max(1, min(self.growth, ahead))
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+        """logits (R, V) -> next tokens (R,) long: `_choose_plain`, or with a draft the
+        speculative rule with no drafts (a speculating row draws every token, its first
+        included, as `generate(..., draft=...)` would for it alone)."""
+        if self.draft is None:
+            return self._choose_plain(logits, rows)
+        no_drafts = [[] for _ in rows]
+        runs, _ = self._pick(rows, logits[:, None], no_drafts, None, self._parts(rows))
+        return torch.tensor([run[0] for run in runs], device=logits.device)
+
+    def _choose_plain(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
         """logits (R, V) -> next tokens (R,) long, each row by its own chooser.
 
         Rows whose choice is plain (`TokenChooser.plain`) go in groups of equal settings: one
@@ -581,28 +824,43 @@ class Batcher:
 
     def _emit(self, rows: Sequence[_Row], tokens: torch.Tensor) -> list[int]:
         """Hand each row its new token (tokens (R,)); return the indices of finished rows."""
+        return self._emit_runs(rows, [[token] for token in tokens.tolist()])
+
+    def _emit_runs(self, rows: Sequence[_Row], runs: Sequence[list[int]]) -> list[int]:
+        """Hand each row its new tokens in order (one, or a speculative round's accepted
+        drafts and own token); a row that finishes inside its run (stop token, budget,
+        cancelled) gets none of the rest. -> the indices of finished rows."""
         finished = []
-        for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            row.generated += 1
-            reason = None
-            if token in row.stops:
-                reason = "stop"
-            elif row.generated >= row.request.budget:
-                reason = "length"
-            if row.request.cancelled:
-                finished.append(j)
-                self.counters["cancelled"] += 1
-                continue
-            if reason is None and (row.chooser.seen is not None or row.chooser.counts is not None):
-                row.chooser.record(tokens[j : j + 1])
-            self.counters["tokens"] += 1
-            if not self._send(row.request, token, reason):
-                finished.append(j)
-                self.counters["cancelled"] += 1
-            elif reason is not None:
-                finished.append(j)
-                self.counters["finished"] += 1
+        for j, (row, run) in enumerate(zip(rows, runs)):
+            for token in run:
+                if self._emit_one(row, token):
+                    finished.append(j)
+                    break
         return finished
+
+    def _emit_one(self, row: _Row, token: int) -> bool:
+        """Hand a row one token -> whether the row has finished (or was cancelled)."""
+        row.generated += 1
+        reason = None
+        if token in row.stops:
+            reason = "stop"
+        elif row.generated >= row.request.budget:
+            reason = "length"
+        if row.request.cancelled:
+            self.counters["cancelled"] += 1
+            return True
+        if reason is None and (row.chooser.seen is not None or row.chooser.counts is not None):
+            row.chooser.record(torch.tensor([token], device=self.device))
+        if row.history is not None:
+            row.history.append(token)
+        self.counters["tokens"] += 1
+        if not self._send(row.request, token, reason):
+            self.counters["cancelled"] += 1
+            return True
+        if reason is not None:
+            self.counters["finished"] += 1
+            return True
+        return False
 
     def _send(self, request: Request, token: int | None, reason: str | None) -> bool:
         """Call the request's sink; a sink that raises cancels its request."""
@@ -629,3 +887,5 @@ class Batcher:
         index = torch.tensor(keep, device=self.device)
         group.last = group.last[index]
         group.cache = group.cache.select(index, group.cache.max_len - group.cache.length)
+        if group.draft is not None:
+            group.draft = group.draft.select(index, group.draft.max_len - group.draft.length)

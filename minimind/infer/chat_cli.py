@@ -33,13 +33,12 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
-import torch
 from rich.console import Console
 
 from minimind.infer.chat import ChatSession, ReplyStats
 from minimind.infer.generation import GenerationConfig
-from minimind.infer.load import add_model_args, load_from_args, load_model
-from minimind.infer.speculative import check_draft
+from minimind.infer.load import add_model_args, load_from_args
+from minimind.infer.speculative import load_draft
 
 # Like MiniMind's mode 0: everyday questions, Chinese and English, short to answer.
 BUILTIN_PROMPTS = (
@@ -257,24 +256,6 @@ class Chat:
         if word in ("/exit", "/quit"):
             return False
         return None
-
-
-def load_draft(spec: str, target) -> tuple[str | torch.nn.Module, str]:
-    """--draft -> (GenerationConfig.draft, a description): 'ngram', or a draft model loaded
-    beside the target (same device and dtype) whose tokenizer is the target's; a different
-    vocabulary is refused naming both."""
-    if spec == "ngram":
-        return spec, "n-gram prompt lookup"
-    draft = load_model(spec, device=target.device, dtype=next(target.model.parameters()).dtype)
-    ours, theirs = target.tokenizer.backend, draft.tokenizer.backend
-    if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
-        raise ValueError(
-            f"--draft {spec}: its tokenizer ({draft.tokenizer.vocab_size} tokens, "
-            f"{draft.path}) differs from the model's ({target.tokenizer.vocab_size} tokens, "
-            f"{target.path}); a draft model must share the model's vocabulary"
-        )
-    check_draft(target.model, draft.model)  # the model configs' vocabularies
-    return draft.model, draft.describe()
 
 
 def _session(args: argparse.Namespace, loaded) -> ChatSession:

@@ -1,7 +1,10 @@
 """Speculative decoding: a cheap drafter proposes k tokens per row, the target model checks
 them all in one forward over its KV cache, and every row keeps the longest prefix the target
 agrees with, plus one token of the target's own. `stream`/`generate` come here when
-GenerationConfig.draft is set.
+GenerationConfig.draft is set; the continuous batcher (batcher.py, `minimind serve --draft`)
+runs its own rounds over its cache groups with the same pieces: `Rule` (one generator for a
+batch, or one per row), `verify`, `draft_with_model` (per-row draft lengths), `ngram_draft`,
+`next_k`, `load_draft`.
 
 Drafters:
 - a draft model (a smaller MiniMindForCausalLM with the same vocabulary: the 2M `demo`-shaped
@@ -147,6 +150,27 @@ def check_draft(target: MiniMindForCausalLM, draft) -> None:
         raise ValueError(f"the draft model is on {dd}, the target on {td}: put both on one")
 
 
+def load_draft(spec: str, target) -> tuple[str | torch.nn.Module, str]:
+    """`--draft PATH|ngram` of `minimind chat` and `minimind serve` -> (the draft: 'ngram' or a
+    model, a description). A draft model is loaded beside `target` (a load.LoadedModel: same
+    device and dtype) and must have the target's tokenizer; another vocabulary is refused
+    naming both."""
+    if spec == NGRAM:
+        return spec, "n-gram prompt lookup"
+    from .load import load_model  # load imports the model stack; only a draft model needs it
+
+    draft = load_model(spec, device=target.device, dtype=next(target.model.parameters()).dtype)
+    ours, theirs = target.tokenizer.backend, draft.tokenizer.backend
+    if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
+        raise ValueError(
+            f"--draft {spec}: its tokenizer ({draft.tokenizer.vocab_size} tokens, "
+            f"{draft.path}) differs from the model's ({target.tokenizer.vocab_size} tokens, "
+            f"{target.path}); a draft model must share the model's vocabulary"
+        )
+    check_draft(target.model, draft.model)  # the model configs' vocabularies
+    return draft.model, draft.describe()
+
+
 def check_config(cfg) -> None:
     """The settings speculative decoding does not support, refused by name."""
     bad = [
@@ -185,11 +209,15 @@ def ngram_draft(tokens: list[int], k: int, max_n: int = NGRAM_MAX, min_n: int = 
     if k <= 0 or len(tokens) < 2:
         return []
     arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
-        # windows starting at s <= len - 1 - n: each is followed by at least one token, and
-        # none is the suffix itself
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
-        hits = np.flatnonzero((windows == arr[-n:]).all(1))
+    size = len(arr)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        # windows starting at s <= size - 1 - n: each is followed by at least one token, and
+        # none is the suffix itself; n whole-array compares, one per window offset (cheaper
+        # than a sliding-window view at these sizes: called per row per round)
+        ok = arr[n - 1 : size - 1] == arr[size - 1]
+        for i in range(n - 1):
+            ok &= arr[i : size - n + i] == arr[size - n + i]
+        hits = np.flatnonzero(ok)
         if hits.size:
             start = int(hits[-1]) + n
             return tokens[start : start + k]
@@ -253,16 +281,24 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 # --- the accept/reject rule ------------------------------------------------------------------
 
 
-class _Rule:
-    """The token distributions of one GenerationConfig and the accept/reject draws.
+class Rule:
+    """The token distributions of one set of sampling settings and the accept/reject draws.
 
     logits (..., V) -> processed logits (the same processing as plain decoding: float,
-    stop tokens suppressed before min_new_tokens, temperature, top-k, top-p)."""
+    stop tokens suppressed before min_new_tokens, temperature, top-k, top-p). `generator`:
+    one torch.Generator that every row draws from (`generate`'s batch), a list with one per
+    row (the batcher's requests, each drawing over its own row as it would alone), or None
+    when greedy."""
 
-    def __init__(self, cfg, stop_ids, generator: torch.Generator | None, device):
+    def __init__(self, cfg, stop_ids, generator, device):
         self.cfg, self.generator = cfg, generator
         self.greedy = cfg.temperature == 0
         self.stop = torch.tensor(tuple(stop_ids), dtype=torch.long, device=device)
+
+    @staticmethod
+    def key(cfg, stop_ids) -> tuple:
+        """Settings under which rows share one Rule (and so one `verify`)."""
+        return (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_new_tokens, tuple(stop_ids))
 
     def process(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """logits (N, V) of new tokens whose indices in their rows are `index` (N,)."""
@@ -286,18 +322,50 @@ class _Rule:
             )
         return processed.double().softmax(-1)
 
-    def uniform(self, *shape: int, device) -> torch.Tensor:
+    def uniform(self, *shape: int, device, rows: list[int] | None = None) -> torch.Tensor:
+        """Uniforms (N, ...) in float64 for N rows: `rows` (their indices among the rule's rows,
+        default all, in order) when each row has its own generator."""
+        if isinstance(self.generator, list):
+            gens = self.generator if rows is None else [self.generator[i] for i in rows]
+            return torch.cat(
+                [
+                    torch.rand(1, *shape[1:], generator=g, device=device, dtype=torch.float64)
+                    for g in gens
+                ]
+            )
         return torch.rand(*shape, generator=self.generator, device=device, dtype=torch.float64)
 
-    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+    def accept_uniforms(self, counts: list[int], width: int, device) -> torch.Tensor:
+        """(N, width) uniforms for the accept tests of N rows with counts[j] drafts each: one
+        draw from a shared generator; with one generator per row, counts[j] from row j's (the
+        rest, never read, are ones), so a row draws what it would alone whatever the others
+        drafted."""
+        if not isinstance(self.generator, list):
+            return self.uniform(len(counts), width, device=device)
+        out = torch.ones(len(counts), width, dtype=torch.float64, device=device)
+        for j, (g, c) in enumerate(zip(self.generator, counts)):
+            if c:
+                out[j, :c] = torch.rand(c, generator=g, device=device, dtype=torch.float64)
+        return out
+
+    def draw(self, probs: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """One token per row of probs (N, V): the argmax when greedy, else inverse transform
-        sampling as sampling.choose does."""
+        sampling as sampling.choose does (`rows` as for `uniform`)."""
         if self.greedy:
             return probs.argmax(-1)
         cdf = probs.cumsum(-1)
-        target = self.uniform(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+        target = self.uniform(probs.shape[0], 1, device=probs.device, rows=rows) * cdf[:, -1:]
         index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
         return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def next_k(k: int, drafted: int, accepted: int) -> int:
+    """The adaptive draft length after a round (transformers' "heuristic" schedule): +2 when
+    every draft was accepted, -1 after a rejection, within [K_MIN, K_MAX]; unchanged when
+    nothing was drafted."""
+    if not drafted:
+        return k
+    return min(k + 2, K_MAX) if accepted == drafted else max(k - 1, K_MIN)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -330,7 +398,7 @@ def speculative_decode(
             generator.seed()
         else:
             generator.manual_seed(cfg.seed)
-    rule = _Rule(cfg, stop_ids, generator, device)
+    rule = Rule(cfg, stop_ids, generator, device)
     fixed_k = cfg.num_draft_tokens
     k = fixed_k if fixed_k is not None else K_START
     stats = SpeculationStats(k=k)
@@ -355,7 +423,8 @@ def speculative_decode(
     q = None  # (B', k, V): the draft model's distributions, when it samples
     first = True
     while True:
-        runs, reasons, accepted, lps = _verify(logits, drafts, q, emitted, rule, cfg)
+        runs, accepted, lps = verify(logits, drafts, q, emitted, rule)
+        reasons: list[str | None] = [None] * len(runs)
         # each row's emission ends at a stop token or its budget
         for j, run in enumerate(runs):
             for i, tok in enumerate(run):
@@ -403,9 +472,8 @@ def speculative_decode(
                     pending[j] = [drafts[j][-1], run[-1]]
                 else:
                     pending[j] = [run[-1]]
-        if fixed_k is None and any(m):
-            k = min(k + 2, K_MAX) if sum(accepted) == sum(m) else max(k - 1, K_MIN)
-            stats.k = k
+        if fixed_k is None:
+            k = stats.k = next_k(k, sum(m), sum(accepted))
 
         keep = [j for j, r in enumerate(reasons) if r is None]
         if not keep:
@@ -427,7 +495,16 @@ def speculative_decode(
         elif drafter is None:
             drafts = [ngram_draft(h, kr) for h in history]
         else:
-            drafts, q = _draft_model_round(drafter, pending, kr, emitted, rule, mcfg, device)
+            drafts, q = draft_with_model(
+                lambda ids, mask: drafter.forward(ids, mask, last=True),
+                drafter.step,
+                pending,
+                [kr] * len(rows),
+                emitted,
+                [(rule, list(range(len(rows))))],
+                mcfg.pad_token_id,
+                device,
+            )
         if not any(drafts):  # nothing to verify: plain decoding's fixed-shape step
             last = torch.tensor([h[-1] for h in history], device=device)
             logits = target.step(last)[:, None]  # (B', 1, V)
@@ -438,10 +515,12 @@ def speculative_decode(
         logits = target.forward(block_ids, block_mask)  # (B', T, V)
 
 
-def _verify(logits, drafts, q, emitted, rule: _Rule, cfg):
+def verify(logits, drafts, q, emitted, rule: Rule):
     """One round's accept/reject over the target's logits (B', T, V), in which row j's columns
-    [last, d_1..d_m_j] are right-aligned. -> (runs: each row's accepted drafts and its own
-    token, reasons: all None, accepted counts, log-probs per run or None)."""
+    [last, d_1..d_m_j] are right-aligned (T >= every m_j + 1; T = 1 with no drafts is plain
+    decoding's choice). q: the draft model's distributions (B', >= max m_j, V), None for n-gram
+    or greedy drafts; emitted: each row's tokens so far (min_new_tokens). -> (runs: each row's
+    accepted drafts and its own token, accepted counts, log-probs per run or None)."""
     n, width, _ = logits.shape
     device = logits.device
     m = torch.tensor([len(d) for d in drafts], device=device)  # (B',)
@@ -458,7 +537,7 @@ def _verify(logits, drafts, q, emitted, rule: _Rule, cfg):
                 a += 1
             accepted.append(a)
             runs.append([*d[:a], best[j][c + a]])
-        return runs, [None] * n, accepted, _logprobs(logits, col, runs, cfg)
+        return runs, accepted, _logprobs(logits, col, runs, rule.cfg)
     p = rule.probs(processed).view(n, width, -1)
     kmax = int(m.max())
     r = torch.arange(n, device=device)
@@ -467,16 +546,14 @@ def _verify(logits, drafts, q, emitted, rule: _Rule, cfg):
         live = torch.arange(kmax, device=device) < m[:, None]  # (B', kmax): real drafts
         cols = (col[:, None] + torch.arange(kmax, device=device)).clamp(max=width - 1)
         pd = p[r[:, None], cols, d]  # (B', kmax): p(d_i) at draft i's position
-        if rule.greedy:
-            ok = pd == 1.0
-        else:
-            qd = torch.ones_like(pd) if q is None else q.gather(2, d[..., None]).squeeze(2)
-            ok = rule.uniform(n, kmax, device=device) * qd < pd  # u < p/q, q > 0
+        qd = torch.ones_like(pd) if q is None else q[:, :kmax].gather(2, d[..., None]).squeeze(2)
+        u = rule.accept_uniforms([len(x) for x in drafts], kmax, device)
+        ok = u * qd < pd  # u < p/q, q > 0
         a = (ok & live).long().cumprod(1).sum(1)  # (B',): leading accepts
     else:
         a = torch.zeros(n, dtype=torch.long, device=device)
     # the row's own token: from p after its last accepted draft, from norm(max(0, p - q))
-    # after a rejection (q a point mass for n-gram and greedy drafts)
+    # after a rejection (q a point mass for n-gram drafts)
     pr = p[r, col + a]  # (B', V)
     if kmax:
         rejected = a < m
@@ -491,7 +568,7 @@ def _verify(logits, drafts, q, emitted, rule: _Rule, cfg):
     own = rule.draw(pr).tolist()
     accepted = a.tolist()
     runs = [[*drafts[j][: accepted[j]], own[j]] for j in range(n)]
-    return runs, [None] * n, accepted, _logprobs(logits, col, runs, cfg)
+    return runs, accepted, _logprobs(logits, col, runs, rule.cfg)
 
 
 def _logprobs(logits, col, runs, cfg) -> list[list[float]] | None:
@@ -507,22 +584,43 @@ def _logprobs(logits, col, runs, cfg) -> list[list[float]] | None:
     ]
 
 
-def _draft_model_round(drafter: _Cached, pending, k: int, emitted, rule: _Rule, mcfg, device):
-    """k tokens per row from the draft model -> (drafts [B'][k], q (B', k, V), None when
-    greedy). Feeds each row's pending tokens (a left-padded block), then k - 1 single steps."""
-    ids, mask = _left_pad(pending, mcfg.pad_token_id, device)
-    logits = drafter.forward(ids, mask, last=True)  # (B', V)
+def draft_with_model(forward, step, pending, ks, emitted, parts, pad_id: int, device):
+    """Each row's draft from the draft model: row j gets ks[j] >= 0 tokens.
+
+    forward(ids (B, P), mask (B, P) or None) -> the last column's logits (B, V) feeds each row's
+    pending tokens (left-padded into one block); then step(tok (B,)) -> logits (B, V), K - 1
+    times (K = max ks), feeds every row a token: its draft while it has one, else a stand-in
+    (the argmax) that the caller rolls back with the rejected drafts. parts: (Rule, rows) for
+    the rows that draft, each drawn by its rule over its rows (sampled rows draw only while
+    they draft, so a row's generator sees what it would alone). -> (drafts [B][ks[j]],
+    q (B, K, V) float64 of the sampled rows' draft distributions, or None when none samples).
+    """
+    logits = forward(*_left_pad(pending, pad_id, device))  # (B, V)
+    b, kk = len(ks), max(ks)
     base = torch.tensor(emitted, device=device)
-    tokens, dists = [], []
-    for i in range(k):
-        processed = rule.process(logits, base + i)  # (B', V)
-        if rule.greedy:
-            tok = processed.argmax(-1)
-        else:
-            dists.append(rule.probs(processed))
-            tok = rule.draw(dists[-1])
-        tokens.append(tok)
-        if i < k - 1:
-            logits = drafter.step(tok)
-    drafts = torch.stack(tokens, 1).tolist()  # (B', k)
-    return drafts, (None if rule.greedy else torch.stack(dists, 1))
+    tokens = torch.zeros(b, kk, dtype=torch.long, device=device)
+    sampled = any(not rule.greedy for rule, _ in parts)
+    q = (
+        torch.zeros(b, kk, logits.shape[-1], dtype=torch.float64, device=device)
+        if sampled
+        else None
+    )
+    for i in range(kk):
+        tok = logits.argmax(-1)  # stand-ins for the rows without a draft at i
+        for rule, rows in parts:
+            live = [pos for pos, j in enumerate(rows) if ks[j] > i]
+            if not live:
+                continue
+            idx = torch.tensor([rows[pos] for pos in live], device=device)
+            processed = rule.process(logits[idx], base[idx] + i)
+            if rule.greedy:
+                tok[idx] = processed.argmax(-1)
+            else:
+                probs = rule.probs(processed)
+                q[idx, i] = probs
+                tok[idx] = rule.draw(probs, rows=live)
+        tokens[:, i] = tok
+        if i < kk - 1:
+            logits = step(tok)
+    out = tokens.tolist()
+    return [row[: ks[j]] for j, row in enumerate(out)], q

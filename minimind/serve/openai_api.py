@@ -3,7 +3,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (stream and non-stream), GET
 /v1/models, GET /health (status plus the batcher's counters: running rows, waiting requests,
-cache slots). Every error is OpenAI's JSON error shape (errors.py).
+cache slots; with a draft, `speculation`: drafted and accepted tokens, acceptance rate, tokens
+per target forward). Every error is OpenAI's JSON error shape (errors.py).
 
 Design decisions:
 - One model, one continuous batcher (minimind.infer.batcher) in its own thread; every choice
@@ -13,6 +14,12 @@ Design decisions:
   prefix cache (`prefix_cache_tokens`) serves prompt prefixes seen before (a shared system
   prompt, the earlier turns of a conversation). The event loop only
   parses, renders templates, detokenizes and writes; it never runs the model.
+- Speculative decoding (`--draft PATH|ngram`): the batcher's decoding rounds verify every
+  running row's drafts in one target forward per cache group, each row keeping its own accepted
+  length (batcher.py); greedy replies are the same tokens as without a draft, sampled ones keep
+  the model's distribution. A request with repetition/presence/frequency penalties is served
+  plainly, one token per round from the same forward (a penalty changes inside a verified
+  block). A draft model with another tokenizer is refused at start, naming both.
 - Bounded everywhere: at most `max_rows` rows decode together, at most `max_waiting` wait
   (then 429 with Retry-After), n <= 16, and a prompt plus its max_tokens must fit the context
   (else 400, as OpenAI; max_tokens is never silently clamped; omitted, it is the rest of the
@@ -479,10 +486,14 @@ def create_app(
     prefill_chunk: int = PREFILL_CHUNK,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     share_prompts: bool = True,
+    draft: Any = None,
+    num_draft_tokens: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `loaded`; its batcher thread runs while the app is up
     (`app.state.server.batcher`). prefill_chunk 0: prompts prefilled whole; prefix_cache_tokens
-    0: no prefix cache; share_prompts False: each of the n choices prefills the prompt itself."""
+    0: no prefix cache; share_prompts False: each of the n choices prefills the prompt itself;
+    draft: "ngram" or a draft model (speculative.load_draft) for speculative decoding, with
+    num_draft_tokens per round (None: adapted per row)."""
     batcher = Batcher(
         loaded.model,
         max_rows=max_rows,
@@ -491,6 +502,8 @@ def create_app(
         prefill_chunk=prefill_chunk,
         prefix_cache_tokens=prefix_cache_tokens,
         share_prompts=share_prompts,
+        draft=draft,
+        num_draft_tokens=num_draft_tokens,
     )
     server = OpenAIServer(
         loaded, batcher, api_key, served_names, stream_interval, max_body_bytes, max_request_rows
@@ -628,6 +641,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="each of a request's n choices prefills the prompt itself (for measuring what "
         "sharing saves: bench/serve.py --mixed)",
     )
+    g.add_argument(
+        "--draft",
+        default=None,
+        metavar="PATH|ngram",
+        help="speculative decoding: a smaller model with the same tokenizer drafts tokens that "
+        "the model verifies several at a time for every running row, or 'ngram' drafts them "
+        "from each row's own prompt and reply (prompt lookup); the same replies (greedy: token "
+        "for token). Requests with penalties decode plainly. /health reports the acceptance",
+    )
+    g.add_argument(
+        "--num_draft_tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="draft tokens per round (default: adapted per row to its acceptance)",
+    )
     g.add_argument("--log_level", default="info")
     return p.parse_args(argv)
 
@@ -638,11 +667,26 @@ def main(argv: list[str] | None = None) -> int:
     from minimind.infer.load import load_from_args
 
     args = parse_args(argv)
+    if args.num_draft_tokens is not None and args.draft is None:
+        raise SystemExit("minimind serve: error: --num_draft_tokens needs --draft PATH|ngram")
+    if args.num_draft_tokens is not None and not 1 <= args.num_draft_tokens <= 64:
+        raise SystemExit(
+            f"minimind serve: error: --num_draft_tokens must be in 1..64, got "
+            f"{args.num_draft_tokens}"
+        )
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     loaded = load_from_args(args)
+    draft, draft_text = None, None
+    if args.draft is not None:
+        from minimind.infer.speculative import load_draft
+
+        try:
+            draft, draft_text = load_draft(args.draft, loaded)
+        except (FileNotFoundError, ValueError) as e:  # also CheckpointError
+            raise SystemExit(f"minimind serve: error: {e}") from None
     app = create_app(
         loaded,
         api_key=args.api_key,
@@ -656,7 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk=args.prefill_chunk,
         prefix_cache_tokens=args.prefix_cache_tokens,
         share_prompts=args.share_prompts,
+        draft=draft,
+        num_draft_tokens=args.num_draft_tokens,
     )
     print(f"serving {loaded.describe()} at http://{args.host}:{args.port}/v1", flush=True)
+    if draft_text is not None:
+        print(f"speculative decoding, draft: {draft_text}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
