@@ -329,3 +329,12 @@ def test_bench_serve_draft_mode_writes_its_report(tmp_path):
         assert lv["plain_tokens_per_s"] > 0 and lv["draft_tokens_per_s"] > 0
         assert 0 < lv["acceptance_rate"] <= 1 and lv["tokens_per_forward"] >= 1
     assert "same replies" in proc.stdout
+
+
+def test_chat_and_serve_take_either_name_of_the_draft_length_flag():
+    from minimind.infer.chat_cli import build_parser
+    from minimind.serve.openai_api import parse_args
+
+    for flag in ("--draft_k", "--num_draft_tokens"):
+        assert build_parser().parse_args(["--draft", "ngram", flag, "3"]).draft_k == 3
+        assert parse_args(["--draft", "ngram", flag, "3"]).num_draft_tokens == 3

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--draft_k",
+        "--num_draft_tokens",  # the server's name of the same flag
+        dest="draft_k",
         type=int,
         default=None,
         metavar="K",

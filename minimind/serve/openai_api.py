@@ -652,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     g.add_argument(
         "--num_draft_tokens",
+        "--draft_k",  # the chat command's name of the same flag
+        dest="num_draft_tokens",
         type=int,
         default=None,
         metavar="K",
