@@ -334,6 +334,22 @@ def cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
+def run_meta(args, load_start, load_end, **extra) -> dict:
+    """What every report of this script records about its run: date, machine and the load
+    (other processes' load skews CPU timings: it is kept with the figures it may have skewed)."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "server_threads": args.server_threads,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "torch": torch.__version__,
+        **extra,
+    }
+
+
 def table(levels: list[dict]) -> str:
     rows = [
         ("clients", "requests", "tokens", "seconds", "agg tok/s", "vs 1", "stream tok/s",
@@ -398,26 +414,20 @@ def main(argv: list[str] | None = None) -> dict:
         lv["engine_tokens_per_s"] = max(engine[lv["clients"]])
         lv["engine_speedup"] = lv["engine_tokens_per_s"] / max(engine[levels[0]["clients"]])
     report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": args.device,
-            "cpu": cpu_name(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "server_threads": args.server_threads,
-            "stream_interval": args.stream_interval,
-            # Other processes' load skews CPU timings; kept with the figures it may have skewed.
-            "loadavg_start": load_start,
-            "loadavg_end": load_end,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "preset": args.preset,
-            "params": params,
-            "tokens_per_request": args.tokens,
-            "rounds": args.rounds,
-            "repeats": args.repeats,
-            "max_rows": args.max_rows,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        },
+        "meta": run_meta(
+            args,
+            load_start,
+            load_end,
+            stream_interval=args.stream_interval,
+            python=platform.python_version(),
+            preset=args.preset,
+            params=params,
+            tokens_per_request=args.tokens,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            max_rows=args.max_rows,
+            command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        ),
         "levels": levels,
     }
     m = report["meta"]
@@ -455,21 +465,16 @@ def main_mixed(args) -> dict:
         mixed = run_mixed(ckpt, args)
         load_end = os.getloadavg()
     report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": args.device,
-            "cpu": cpu_name(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "server_threads": args.server_threads,
-            "loadavg_start": load_start,
-            "loadavg_end": load_end,
-            "torch": torch.__version__,
-            "model": name,
-            "params": params,
-            "repeats": args.repeats,
-            "max_rows": args.max_rows,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        },
+        "meta": run_meta(
+            args,
+            load_start,
+            load_end,
+            model=name,
+            params=params,
+            repeats=args.repeats,
+            max_rows=args.max_rows,
+            command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        ),
         "mixed": mixed,
     }
     print(
@@ -565,25 +570,20 @@ def main_draft(args) -> dict:
             }
         )
     report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": args.device,
-            "cpu": cpu_name(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "server_threads": args.server_threads,
-            "loadavg_start": load_start,
-            "loadavg_end": load_end,
-            "torch": torch.__version__,
-            "checkpoint": str(ckpt),
-            "params": params,
-            "draft": str(args.draft),
-            "draft_k": args.draft_k or "adaptive",
-            "questions": len(questions),
-            "max_tokens": args.tokens,
-            "rounds": args.rounds,
-            "repeats": args.repeats,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        },
+        "meta": run_meta(
+            args,
+            load_start,
+            load_end,
+            checkpoint=str(ckpt),
+            params=params,
+            draft=str(args.draft),
+            draft_k=args.draft_k or "adaptive",
+            questions=len(questions),
+            max_tokens=args.tokens,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        ),
         "levels": levels,
     }
     print(
