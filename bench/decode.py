@@ -28,7 +28,9 @@ bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
 `--spec-target CKPT` switches to speculative decoding (minimind/infer/speculative.py), which
 needs a trained model (random weights make drafts worthless): greedy chat replies at batch 1,
 stopping at eos, from the target plain (eager, and compiled unless --no-compile), with n-gram
-drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer) drafting. Two prompt sets
+drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer) drafting; unless
+--no-compile, both drafters also run compiled (`generate(draft=..., compile=True)`: a fixed
+k = --spec-compile-k, default 3, since an adapted k would recompile). Two prompt sets
 from `--spec-data` (chat jsonl, MiniMind's SFT format): "chat", single questions, and
 "repeat", three earlier exchanges followed by the second question again, so the answer repeats
 text of the prompt (where prompt lookup pays). A timed call answers the whole set; the sides
@@ -89,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--spec-data", type=Path, help="speculative mode: chat jsonl the prompts come from")
     arg("--spec-prompts", type=int, default=8, help="speculative mode: prompts per set")
     arg("--spec-k", type=int, default=None, help="draft tokens per round (default: adaptive)")
+    arg(
+        "--spec-compile-k",
+        type=int,
+        default=3,
+        help="draft tokens per round of the compiled speculative sides (fixed: compiled)",
+    )
     args = p.parse_args(argv)
     if args.spec_target is not None and args.spec_data is None:
         p.error("--spec-target needs --spec-data (chat jsonl)")
@@ -345,11 +353,18 @@ def bench_speculative(args) -> dict:
     if draft is not None:
         drafters["draft model"] = draft.model
     if not args.no_compile:
+        # compiled speculation verifies k + 1 columns in one fixed-shape step: k is fixed
         drafters["plain compiled"] = None
+        drafters["ngram compiled"] = "ngram"
+        if draft is not None:
+            drafters["draft model compiled"] = draft.model
     drafters["prefill only"] = None  # max_new_tokens=1: the share no drafter can speed up
     out: dict[str, dict[str, list]] = {}
 
     def fn(set_name: str, side: str):
+        compiled = side.endswith("compiled")
+        k = None if drafters[side] is None else args.spec_compile_k if compiled else args.spec_k
+
         def run() -> None:
             replies = []
             for prompt in sets[set_name]:
@@ -361,8 +376,8 @@ def bench_speculative(args) -> dict:
                         temperature=0,
                         stop_token_ids=stops,
                         draft=drafters[side],
-                        num_draft_tokens=args.spec_k if drafters[side] is not None else None,
-                        compile=side == "plain compiled",
+                        num_draft_tokens=k,
+                        compile=compiled,
                     )[0]
                 )
             out[set_name][side] = replies

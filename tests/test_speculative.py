@@ -70,6 +70,29 @@ def test_rollback_forgets_tokens_per_row(target):
         KVCache(1, 1, 1, 1, 8).rollback([1])
 
 
+@torch.inference_mode()
+def test_verify_step_is_a_fixed_shape_forward(target):
+    """verify_step over a StaticKVCache (the compiled verification's step) gives the logits of
+    an ordinary forward for every column, writes at the device slot (rollback then decodes on
+    as if the columns were never fed), and honours left padding inside the block."""
+    rows = torch.tensor([[5, 6, 7, 8, 9, 10], [3, 4, 5, 6, 7, 8]])
+    want = target(rows).logits
+    cache = target.new_cache(2, 16, static=True)
+    target(rows[:, :3], cache=cache)
+    got = target.verify_step(rows[:, 3:], cache)
+    cache.advance_host(3)
+    torch.testing.assert_close(got, want[:, 3:])
+    assert cache.length == 6 and int(cache.slot) == 6 and cache.seen.tolist() == [6, 6]
+    cache.rollback([2, 1])
+    mask = torch.tensor([[False, True], [True, True]])  # row 0's first column is padding
+    got = target.verify_step(torch.tensor([[0, 40], [40, 41]]), cache, mask)[:, -1]
+    cache.advance_host(2)
+    want0 = target(torch.tensor([[5, 6, 7, 8, 40]])).logits[0, -1]
+    want1 = target(torch.tensor([[3, 4, 5, 6, 7, 40, 41]])).logits[0, -1]
+    torch.testing.assert_close(got, torch.stack([want0, want1]))
+    assert cache.seen.tolist() == [5, 7] and int(cache.slot) == cache.length == 7
+
+
 def test_ngram_draft_proposes_the_continuation_of_the_latest_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # latest 3-gram
     assert ngram_draft([4, 5, 6, 4, 5], 10) == [6, 4, 5]  # capped by what follows
@@ -200,6 +223,39 @@ def test_greedy_equals_plain_on_a_trained_pair():
     assert stats.acceptance_rate > 0.5 and stats.tokens_per_forward > 2, stats
 
 
+@pytest.mark.slow
+def test_compiled_speculation_equals_plain_greedy(target, draft):
+    """compile=True (fixed k: a compiled (B, k + 1) verification, the draft model's compiled
+    single-token steps and fixed-width pending block) gives plain greedy's tokens for n-gram
+    and draft-model drafts, at batch 1 and for batched rows that accept different lengths and
+    stop inside a verified block; adaptive k is refused (above)."""
+    kw = dict(max_new_tokens=24, temperature=0, stop_token_ids=())
+    for prompt in PROMPTS[::2]:
+        plain = generate(target, [prompt], **kw)
+        for drafter in ("ngram", draft, target):
+            out = generate(target, [prompt], draft=drafter, num_draft_tokens=3, compile=True, **kw)
+            assert out == plain, (prompt, drafter)
+    stats = out[0].speculation  # the target drafting for itself: k + 1 tokens per forward
+    assert stats.acceptance_rate == 1.0 and stats.tokens_per_forward > 3.5
+    prompts = PROMPTS[3:]
+    plain = generate(target, prompts, max_new_tokens=20, temperature=0, stop_token_ids=())
+    stops = (plain[0][5],)
+    want = generate(target, prompts, max_new_tokens=20, temperature=0, stop_token_ids=stops)
+    assert want[0].finish_reason == "stop"
+    for drafter in ("ngram", draft):
+        got = generate(
+            target,
+            prompts,
+            max_new_tokens=20,
+            temperature=0,
+            stop_token_ids=stops,
+            draft=drafter,
+            num_draft_tokens=3,
+            compile=True,
+        )
+        assert got == want and [c.finish_reason for c in got] == [c.finish_reason for c in want]
+
+
 # --- sampling: the target's distribution ----------------------------------------------------
 
 
@@ -258,7 +314,7 @@ def test_refusals_name_the_reason(target):
         check_draft(torch.nn.Linear(2, 2), "ngram")
     with pytest.raises(ValueError, match=r"repetition_penalty=1\.2 not supported with a draft"):
         stream(target, [[1, 2]], max_new_tokens=4, draft="ngram", repetition_penalty=1.2)
-    with pytest.raises(ValueError, match=r"compile=True is not supported with a draft"):
+    with pytest.raises(ValueError, match=r"compile=True with a draft needs a fixed num_draft"):
         stream(target, [[1, 2]], max_new_tokens=4, draft="ngram", compile=True)
     with pytest.raises(ValueError, match=r"num_draft_tokens must be an integer in 1\.\.64"):
         GenerationConfig(max_new_tokens=4, draft="ngram", num_draft_tokens=0)

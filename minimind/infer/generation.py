@@ -66,7 +66,8 @@ class GenerationConfig:
     seed: int | None = None
     max_len: int | None = None
     # Execution, not choice: decode steps through torch.compile (steps.py). Same tokens up to
-    # float reassociation; the first call compiles (tens of seconds on a CPU).
+    # float reassociation; the first call compiles (tens of seconds on a CPU). With a draft:
+    # speculative.py's fixed-shape verification and draft steps (needs num_draft_tokens).
     compile: bool = False
     # fuse=False never touches parameter storage (decoding from a model being trained, see
     # MiniMindForCausalLM.new_cache); same tokens, a little slower.
@@ -80,7 +81,7 @@ class GenerationConfig:
     # the model checks in one forward; None: no speculation. Greedy output is unchanged and
     # sampled output keeps the model's distribution (the accept/reject rule).
     draft: Any = field(default=None, repr=False)
-    # Draft tokens per round; None adapts it to the acceptance (starting at 4).
+    # Draft tokens per round; None adapts it to the acceptance (starting at 4; not compiled).
     num_draft_tokens: int | None = None
 
     def __post_init__(self) -> None:

@@ -47,19 +47,33 @@ Design decisions:
 - A round's draft length is cut to the largest budget any row has left, and each row's
   emission is cut at its stop token or its own budget. Stopping a row's round early is exact:
   the next token is drafted afresh from the same prefix.
+- `compile=True`: every forward after the prefill has a fixed shape, so each compiles once.
+  The target verifies [last, d_1..d_m] right-padded to k + 1 columns
+  (`MiniMindForCausalLM.verify_step`, over the StaticKVCache: it writes k + 1 slots at the
+  device-side slot and attends over the whole buffer with a causal validity mask); the padding
+  columns come after the real ones, so causal attention keeps them out of the real columns'
+  logits, and they are rolled back with the rejected drafts (rollback is per-row length
+  bookkeeping: `valid`, `seen`, the slot). The logits are gathered right-aligned for `verify`.
+  A round without drafts is plain decoding's compiled `decode_step`; the draft model runs its
+  pending tokens as a fixed block of 2 (left-padded) and its k - 1 single-token steps through
+  its own compiled `decode_step`. k must be fixed (`num_draft_tokens`; an adapted k would
+  recompile the verification: refused). Capacity is the prompt plus the whole budget plus k
+  (a regrowth, possible when batched rows leave holes, recompiles once), and finished rows
+  are dropped as in eager (each new batch size compiles once; batch 1, as chat, never does).
+  After the first call of each graph on a cache, guard evaluation is skipped as in steps.py.
 - Not supported with a draft (refused at the call): the repetition, presence and frequency
-  penalties (their state would change inside a verified block) and `compile=True` (the
-  verification forward has a different length every round); speculative decoding runs eager.
+  penalties (their state would change inside a verified block).
 - Statistics (`SpeculationStats`): drafted and accepted tokens, target forwards; acceptance
   rate and tokens per target forward per row (plain decoding: 1.0). Every `Step` carries the
   call's running totals, every Completion of `generate` the final ones.
-- When it pays: a verification forward of k + 1 tokens costs 1.3-1.7x a one-token step on a
-  CPU (bench/RESULTS.md), so it takes about that many tokens per forward to break even; on the
-  overhead-bound 2M demo model it did not pay at batch 1 there, compiled plain decoding did.
+- When it pays: it takes about as many tokens per target forward as a verification forward
+  of k + 1 tokens costs in one-token steps (plus the drafter's cost) to break even; eager and
+  compiled, plain and speculative, are compared in bench/RESULTS.md ("Speculative decoding").
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,6 +84,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.model.cache import StaticKVCache
 
 from .sampling import apply_temperature, top_k_filter, top_p_filter
+from .steps import compiled_step
 
 NGRAM = "ngram"
 K_START, K_MIN, K_MAX = 4, 1, 16
@@ -187,10 +202,10 @@ def check_config(cfg) -> None:
             f"{', '.join(bad)} not supported with a draft: a penalty's state changes inside "
             "a verified block of draft tokens"
         )
-    if cfg.compile:
+    if cfg.compile and cfg.num_draft_tokens is None:
         raise ValueError(
-            "compile=True is not supported with a draft: the verification forward changes "
-            "length every round, so speculative decoding runs eager"
+            "compile=True with a draft needs a fixed num_draft_tokens: the compiled "
+            "verification has k + 1 columns, and an adapted k would recompile it"
         )
 
 
@@ -228,13 +243,45 @@ def _round_up(n: int) -> int:
     return -(-n // CHUNK) * CHUNK
 
 
+_verifiers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_verify(model: MiniMindForCausalLM):
+    """model.verify_step through torch.compile, made once per model (one graph per block
+    width T, i.e. per k), with the options of steps.compiled_step."""
+    fn = _verifiers.get(model)
+    if fn is None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        options = {"cpp_wrapper": True} if on_cpu else None
+        fn = torch.compile(model.verify_step, dynamic=False, options=options)
+        _verifiers[model] = fn
+    return fn
+
+
 class _Cached:
     """A model with its StaticKVCache in one call: forwards over blocks of new tokens and
-    single-token steps, rollback, row dropping, and capacity that grows on demand."""
+    single-token steps, rollback, row dropping, and capacity that grows on demand. compile:
+    the single-token steps and `block` (fixed-width verification) run compiled."""
 
-    def __init__(self, model: MiniMindForCausalLM, batch: int, capacity: int, fuse: bool):
-        self.model = model
+    def __init__(
+        self, model: MiniMindForCausalLM, batch: int, capacity: int, fuse: bool, compile=False
+    ):
+        self.model, self.compile = model, compile
         self.cache = model.new_cache(batch, _round_up(capacity), static=True, fuse=fuse)
+        self._step = compiled_step(model) if compile else model.decode_step
+        self._block = compiled_verify(model) if compile else model.verify_step
+        # compiled: the graphs (step, block) that have run with full guard evaluation on the
+        # current cache tensors; later calls skip it (as steps.Stepper), until the cache's
+        # tensors or shapes change (regrowth, dropped rows)
+        self._guarded: set[str] = set()
+
+    def _call(self, name: str, fn, *args):
+        if self.compile and name in self._guarded:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        out = fn(*args)
+        self._guarded.add(name)
+        return out
 
     def room(self, n: int) -> None:
         """Have at least n free slots (a regrowth copies the cache once)."""
@@ -243,6 +290,7 @@ class _Cached:
             capacity = _round_up(max(2 * cache.max_len, cache.length + n))
             self.cache = StaticKVCache.merge([cache], capacity)
             self.model.model.rotary.ensure(capacity, cache.valid.device)
+            self._guarded.clear()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, last: bool = False):
         """ids (B, T) of new tokens (mask: left padding) -> logits (B, T, V), or (B, V) of the
@@ -254,8 +302,16 @@ class _Cached:
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B,) -> next-token logits (B, V), a fixed-shape step as plain decoding's."""
         self.room(1)
-        logits = self.model.decode_step(tok[:, None], self.cache)
+        logits = self._call("step", self._step, tok[:, None], self.cache)
         self.cache.advance_host()
+        return logits
+
+    def block(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), mask (B, T) bool -> logits (B, T, V): the fixed-shape block step
+        (MiniMindForCausalLM.verify_step; a regrowth changes the shape: one recompile)."""
+        self.room(ids.shape[1])
+        logits = self._call("block", self._block, ids, self.cache, mask)
+        self.cache.advance_host(ids.shape[1])
         return logits
 
     def rollback(self, drop: list[int]) -> None:
@@ -264,6 +320,7 @@ class _Cached:
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
+        self._guarded.clear()
 
 
 def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -403,9 +460,32 @@ def speculative_decode(
     k = fixed_k if fixed_k is not None else K_START
     stats = SpeculationStats(k=k)
 
-    capacity = t + min(budget, CHUNK) + K_MAX + 2
-    target = _Cached(model, b, capacity, cfg.fuse)
-    drafter = None if isinstance(cfg.draft, str) else _Cached(cfg.draft, b, capacity, cfg.fuse)
+    compiled = cfg.compile  # k is fixed then (check_config)
+    pad_id = mcfg.pad_token_id
+    if compiled:  # the whole budget up front: a regrowth is a new shape, so a recompile
+        capacity = t + budget + k + 2
+        # the draft's cache also keeps a padding slot of each round's pending block
+        draft_capacity = t + 2 * budget + k + 2
+    else:
+        capacity = draft_capacity = t + min(budget, CHUNK) + K_MAX + 2
+    target = _Cached(model, b, capacity, cfg.fuse, compiled)
+    drafter = (
+        None
+        if isinstance(cfg.draft, str)
+        else _Cached(cfg.draft, b, draft_capacity, cfg.fuse, compiled)
+    )
+
+    def draft_pending(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The draft model's forward over each row's pending tokens (B, P) -> (B, V); compiled:
+        a fixed-width block of 2 (left-padded), eager beyond (never with a fixed k)."""
+        if not compiled or ids.shape[1] > 2:
+            return drafter.forward(ids, mask, last=True)
+        if mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        if ids.shape[1] == 1:
+            ids = torch.cat([torch.full_like(ids, pad_id), ids], 1)
+            mask = torch.cat([torch.zeros_like(mask), mask], 1)
+        return drafter.block(ids, mask)[:, -1]
 
     # Per running row (cache row j): its prompt row, its tokens (prompt + output), how many it
     # has emitted, and (draft model) its pending tokens: emitted but not yet in the draft cache.
@@ -420,6 +500,7 @@ def speculative_decode(
     if drafter is not None:
         drafter.forward(ids, mask, last=True)
     drafts: list[list[int]] = [[] for _ in range(b)]
+    wrote = [0] * b  # draft columns each row wrote into the target's cache this round
     q = None  # (B', k, V): the draft model's distributions, when it samples
     first = True
     while True:
@@ -459,7 +540,7 @@ def speculative_decode(
         # roll the rejected drafts back: the target holds [last, d_1..d_m] of this round, the
         # draft model pending + d_1..d_{k-1}; both keep through d_a
         m = [len(d) for d in drafts]
-        target.rollback([mj - a for mj, a in zip(m, accepted)])
+        target.rollback([w - a for w, a in zip(wrote, accepted)])
         if drafter is not None and any(m):
             drafter.rollback([(mj - 1) - min(a, mj - 1) for mj, a in zip(m, accepted)])
         for j, run in enumerate(runs):
@@ -496,23 +577,43 @@ def speculative_decode(
             drafts = [ngram_draft(h, kr) for h in history]
         else:
             drafts, q = draft_with_model(
-                lambda ids, mask: drafter.forward(ids, mask, last=True),
+                draft_pending,
                 drafter.step,
                 pending,
                 [kr] * len(rows),
                 emitted,
                 [(rule, list(range(len(rows))))],
-                mcfg.pad_token_id,
+                pad_id,
                 device,
             )
         if not any(drafts):  # nothing to verify: plain decoding's fixed-shape step
             last = torch.tensor([h[-1] for h in history], device=device)
             logits = target.step(last)[:, None]  # (B', 1, V)
+            wrote = [0] * len(rows)
+            continue
+        if compiled:
+            logits = _verify_fixed(target, history, drafts, k, pad_id, device)
+            wrote = [k] * len(rows)
             continue
         block_ids, block_mask = _left_pad(
-            [[h[-1], *d] for h, d in zip(history, drafts)], mcfg.pad_token_id, device
+            [[h[-1], *d] for h, d in zip(history, drafts)], pad_id, device
         )
         logits = target.forward(block_ids, block_mask)  # (B', T, V)
+        wrote = [len(d) for d in drafts]
+
+
+def _verify_fixed(target: _Cached, history, drafts, k: int, pad_id: int, device) -> torch.Tensor:
+    """The compiled verification: each row's [last, d_1..d_m] right-padded to k + 1 columns
+    (the padding columns come after the real ones, so causal attention keeps them out of the
+    real columns' logits, and they are rolled back with the rejected drafts) -> logits
+    (B', max m + 1, V) with each row's real columns right-aligned, as `verify` reads them."""
+    rows = [[h[-1], *d, *[pad_id] * (k - len(d))] for h, d in zip(history, drafts)]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
+    full = target.block(ids, torch.ones_like(ids, dtype=torch.bool))  # (B', k + 1, V)
+    m = torch.tensor([len(d) for d in drafts], device=device)
+    width = int(m.max()) + 1
+    src = (torch.arange(width, device=device)[None, :] - (width - 1 - m)[:, None]).clamp(min=0)
+    return full.gather(1, src[..., None].expand(-1, -1, full.shape[-1]))
 
 
 def verify(logits, drafts, q, emitted, rule: Rule):

@@ -262,19 +262,21 @@ class KVCache:
 
 
 class SlotLayerCache:
-    """One layer of a StaticKVCache in a decode step: writes at the device-side slot and hands
-    attention the whole buffer (B, K, max_len, D); unfilled slots are masked out."""
+    """One layer of a StaticKVCache in a fixed-shape step: writes at device-side slots and hands
+    attention the whole buffer (B, K, max_len, D); unfilled slots are masked out. slots: the
+    (T,) slots of a block step (`block_reserve`), None for a decode step (the cache's `slot`)."""
 
-    def __init__(self, parent: StaticKVCache, index: int):
-        self.parent, self.index = parent, index
+    def __init__(self, parent: StaticKVCache, index: int, slots: torch.Tensor | None = None):
+        self.parent, self.index, self.slots = parent, index, slots
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, K, 1, D) -> the full (B, K, max_len, D) buffers, written in place."""
+        """k, v (B, K, T, D) -> the full (B, K, max_len, D) buffers, written in place."""
         layer = self.parent.layers[self.index]
+        at = self.parent.slot if self.slots is None else self.slots
         # Under autocast (sampling from a model trained in bf16) k and v arrive in the autocast
         # dtype; the buffers keep the model's (the prefill's slice assignment casts likewise).
-        layer.k.index_copy_(2, self.parent.slot, k.to(layer.k.dtype))
-        layer.v.index_copy_(2, self.parent.slot, v.to(layer.v.dtype))
+        layer.k.index_copy_(2, at, k.to(layer.k.dtype))
+        layer.v.index_copy_(2, at, v.to(layer.v.dtype))
         return layer.k, layer.v
 
 
@@ -310,9 +312,30 @@ class StaticKVCache(KVCache):
         self.seen.add_(1)
         self.slot.add_(1)
 
-    def advance_host(self) -> None:
-        """Host side of a decode step's commit (outside the captured step)."""
-        self.length += 1
+    def advance_host(self, t: int = 1) -> None:
+        """Host side of a decode (t = 1) or block step's commit (outside the captured step)."""
+        self.length += t
+
+    def block_reserve(self, mask: torch.Tensor) -> tuple:
+        """A block step of T new tokens per row, `mask` (B, T) bool (False: left padding) ->
+        positions (B, T), attention mask (B, 1, T, max_len), per-layer caches writing at
+        slots `slot`..`slot` + T - 1. Fixed shapes for a fixed T, no host sync: speculative
+        decoding's compiled verification of [last, d_1..d_k]. A query sees the valid slots up
+        to its own (causal within the block); a padding query sees itself (no all-masked row)."""
+        t = mask.shape[1]
+        slots = self.slot + torch.arange(t, device=self.slot.device)  # (T,)
+        self.valid.index_copy_(1, slots, mask)
+        positions = (self.seen[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
+        keys = torch.arange(self.max_len, device=slots.device)[None, :]  # (1, max_len)
+        causal = keys <= slots[:, None]  # (T, max_len)
+        attend = (causal[None] & self.valid[:, None, :]) | (keys == slots[:, None])[None]
+        layers = [SlotLayerCache(self, i, slots) for i in range(len(self.layers))]
+        return positions, attend[:, None], layers
+
+    def block_advance(self, mask: torch.Tensor) -> None:
+        """Device side of a block step's commit (inside the captured step)."""
+        self.seen.add_(mask.long().sum(1))
+        self.slot.add_(mask.shape[1])
 
     def rollback(self, drop: Sequence[int]) -> None:
         """KVCache.rollback, with the device slot moved back to the new length."""

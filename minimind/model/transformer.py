@@ -142,6 +142,18 @@ class MiniMindModel(nn.Module):
         cache.step_advance()
         return self.norm(x)
 
+    def verify_static(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, cache: StaticKVCache
+    ) -> torch.Tensor:
+        """A fixed-shape block step: input_ids (B, T), mask (B, T) bool (left padding) ->
+        final hidden (B, T, C); T keys/values written at the cache's device slot (see
+        StaticKVCache.block_reserve). Same preconditions as decode_static."""
+        positions, attend, layers = cache.block_reserve(mask)
+        cos, sin = self.rotary.lookup(positions)
+        x, _ = self._blocks(self.embed_tokens(input_ids), cos, sin, attend, layers, trusted=True)
+        cache.block_advance(mask)
+        return self.norm(x)
+
 
 class MiniMindForCausalLM(nn.Module):
     """Trunk plus language-model head (tied to the embedding by default)."""
@@ -193,6 +205,17 @@ class MiniMindForCausalLM(nn.Module):
         """input_ids (B, 1) -> next-token logits (B, V), with fixed shapes (see decode_static).
         The caller then calls `cache.advance_host()`; minimind.infer.steps wraps both."""
         return self.lm_head(self.model.decode_static(input_ids, cache)[:, -1])
+
+    def verify_step(
+        self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) of every column, with fixed shapes for a fixed T
+        (speculative decoding's verification of [last, d_1..d_k], compiled once per k); mask
+        (B, T) bool marks left padding (None: none). The caller then calls
+        `cache.advance_host(T)` and rolls rejected columns back (`cache.rollback`)."""
+        if mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return self.lm_head(self.model.verify_static(input_ids, mask, cache))
 
     # --- conveniences --------------------------------------------------------------------
     def new_cache(
