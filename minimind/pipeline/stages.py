@@ -396,14 +396,16 @@ def dpo(run: Run) -> dict:
     metrics = run.measures.compare(
         tasks, run.model_name("sft"), run.load("sft"), run.model_name("dpo"), model
     )
-    # what DPO costs the chat model: the loss on SFT's held-out conversations, before and after
+    # what DPO costs the chat model: the loss on SFT's held-out conversations (before: the
+    # figure the SFT stage recorded for its model on the same rows)
     sft_eval = SFTStage(run.shards("sft"), r.seq_len)
-    metrics.append({
-        "name": "sft_loss", "label": "held-out SFT loss", "split": "held-out",
-        "before": run.probe(sft_eval, run.load("sft"))["eval_loss"],
-        "after": run.probe(sft_eval, model)["eval_loss"],
-        "unit": "loss", "chance": None, "n": len(sft_eval.eval_dataset()),
-    })  # fmt: skip
+    before = next(
+        m["after"] for m in run.runner.result("sft")["metrics"] if m["name"] == "eval_loss"
+    )
+    row = loss_metric(
+        "sft_loss", "held-out SFT loss", before, run.probe(sft_eval, model)["eval_loss"]
+    )
+    metrics.append({**row, "n": len(sft_eval.eval_dataset())})
     _print_metrics(metrics)
     by_kind = run.measures.score(run.model_name("dpo"), model, "dpo").get("by_kind", {})
     return {
