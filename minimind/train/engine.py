@@ -639,13 +639,8 @@ class Trainer:
     def _save_step(self) -> Path:
         """Every process takes part (FSDP2 gathers); only rank 0 writes."""
         world = self.world
+        weights = self._full_weights()
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=full)
-        # FSDP2 gathers a tied head and its embedding into two tensors: share them again, so
-        # the checkpoint stores the pair once, as it does from one process or DDP.
-        for alias, name in tied_names(self.model).items():
-            if alias in weights and name in weights:
-                weights[alias] = weights[name]
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         rngs: list[Any] = [None] * world.world_size
         if world.distributed:
@@ -660,6 +655,18 @@ class Trainer:
                 self._write_step(path, weights, optim, rngs)
         D.barrier(world)
         return path
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole weights on rank 0's CPU (empty on the other ranks); a collective under
+        FSDP2, which every rank must call."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=full)
+        # FSDP2 gathers a tied head and its embedding into two tensors: share them again, so
+        # the checkpoint stores the pair once, as it does from one process or DDP.
+        for alias, name in tied_names(self.model).items():
+            if alias in weights and name in weights:
+                weights[alias] = weights[name]
+        return weights
 
     def _check_space(self, path: Path, *states: dict[str, Any]) -> None:
         """Refuse a save the disk cannot hold before writing any of it (the tensors' bytes;
@@ -715,8 +722,7 @@ class Trainer:
         model itself, or under FSDP2 a plain CPU copy that every rank helps gather."""
         if self._template is None:
             return self.model if self.world.is_main else None
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=full)  # collective; rank 0 holds it
+        weights = self._full_weights()
         if not self.world.is_main:
             return None
         plain = copy.deepcopy(self._template).to_empty(device="cpu")

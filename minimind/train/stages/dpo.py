@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from minimind.data.padding import DPODataset, pad_batch
@@ -236,14 +237,13 @@ class DPOStage(LMStage):
         b = int(batch["index"].shape[0])
         gen = torch.Generator().manual_seed(self.ctx.rng_seed(int(batch["index"][0]), 0x5F7))
         rows = torch.randint(len(self.replay), (b,), generator=gen).tolist()
-        device = batch["input_ids"].device
-        pairs = [
-            {"input_ids": ids, "labels": labels}
-            for ids, labels in zip(batch["input_ids"].cpu(), batch["labels"].cpu(), strict=True)
-        ]
-        # pairs keep their right padding (pad labels are -100 already)
-        both = pad_batch(pairs + [self.replay[i] for i in rows], self.dataset.pad_id)
-        return {**batch, **{k: v.to(device) for k, v in both.items()}}
+        replay = pad_batch([self.replay[i] for i in rows], self.dataset.pad_id)
+        T = max(batch["input_ids"].shape[1], replay["input_ids"].shape[1])
+        out = dict(batch)
+        for key, fill in (("input_ids", self.dataset.pad_id), ("labels", IGNORE_INDEX)):
+            both = [batch[key], replay[key].to(batch[key].device)]  # right-padded to T
+            out[key] = torch.cat([F.pad(x, (0, T - x.shape[1]), value=fill) for x in both])
+        return out
 
     # ------------------------------------------------------------------ the loss
     def loss(self, model, batch):
