@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.clients, args.tokens, args.rounds, args.repeats = "tiny", "1,4", 16, 1, 1
-        args.stream_tokens, args.long_tokens, args.window = 300, 200, 0.3
+        args.stream_tokens, args.long_tokens, args.window = 900, 200, 0.15
         args.chunk = args.chunk or 64
     args.levels = sorted({int(c) for c in args.clients.split(",")} | {1})
     args.streams = args.streams or args.levels[-1]

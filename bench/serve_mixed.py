@@ -130,6 +130,11 @@ async def itl_trial(url: str, model: str, long: list[int], seed: int, args) -> d
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     before, during = gaps(times, start, sent), gaps(times, sent, done)
+    if not before or not during:
+        raise RuntimeError(
+            f"the streams sent {len(before)} chunks before the long prompt and {len(during)} while "
+            f"it ran: they ended too soon; raise --stream-tokens (now {args.stream_tokens})"
+        )
     return {
         "before_p50_ms": percentile(before, 50),
         "before_p99_ms": percentile(before, 99),
