@@ -168,13 +168,19 @@ def test_uint32_when_vocabulary_exceeds_uint16(tmp_path, tok_dir):
 
 
 def test_max_seq_len_cuts_chat_documents(tmp_path, corpus, tok_dir, prepared):
-    report = prepare(corpus["sft"], tok_dir, tmp_path, max_seq_len=24)
-    full, cut = Shards(prepared["sft"]), Shards(report.folder)
-    long = int((full.doc_lengths() > 25).sum())
-    assert report.truncated == long > 0
-    assert cut.doc_lengths().max() == 25
-    for i in range(len(full)):
-        assert cut.doc(i).tolist() == full.doc(i)[:25].tolist()
+    full = Shards(prepared["sft"])
+    T = int(np.median(full.doc_lengths()))  # half the documents are cut
+    report = prepare(corpus["sft"], tok_dir, tmp_path, max_seq_len=T)
+    cut = Shards(report.folder)
+    assert report.truncated == int((full.doc_lengths() > T + 1).sum()) > 0
+    assert cut.doc_lengths().max() == T + 1
+    # a document whose first T + 1 tokens hold no assistant target trains nothing: dropped and
+    # counted (a batch of them would be a step with loss 0)
+    trains = [i for i in range(len(full)) if full.mask(*full.doc_span(i))[1 : T + 1].any()]
+    assert 0 < report.untrained == len(full) - len(trains) == len(full) - len(cut)
+    assert "dropped (no assistant token within max_seq_len" in report.format()
+    for j, i in enumerate(trains):
+        assert cut.doc(j).tolist() == full.doc(i)[: T + 1].tolist()
 
 
 # ---------------------------------------------------------------- idempotence and safety

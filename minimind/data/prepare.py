@@ -33,7 +33,9 @@ How it runs:
 - `max_seq_len` is the model context T. A chat or dpo document keeps its first T + 1 tokens
   (T inputs and the last label); an rlaif prompt keeps its last T tokens (the generation
   prompt must survive). Pretrain documents are never cut: packing cuts windows across them.
-  Cut documents are counted as `truncated`.
+  Cut documents are counted as `truncated`. An sft or reasoning document whose cut leaves no
+  assistant token would only train on nothing (and a batch of such rows is a step with loss 0),
+  so it is dropped and counted as `untrained`: the report says to raise `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ CHUNK_BYTES = 4 << 20
 SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 tokens per shard: the unit of resume
 HASH_BLOCK = 8 << 20
 SAMPLE_BLOCK = 1 << 20  # bytes per sampled block of `source_stamp`
-_COUNT_KEYS = ("lines", "records", "blank_lines", "bad_lines", "truncated")
+_COUNT_KEYS = ("lines", "records", "blank_lines", "bad_lines", "truncated", "untrained")
 
 
 class StaleShardsError(RuntimeError):
@@ -170,6 +172,7 @@ class Encoded:
     answers: list[str]
     summary: ReadSummary
     truncated: int = 0
+    untrained: int = 0
     cpu_seconds: float = 0.0  # CPU time spent on this chunk, in whichever process did it
 
     def counts(self) -> dict[str, Any]:
@@ -181,6 +184,7 @@ class Encoded:
             "bad_lines": s.bad_lines,
             "reasons": dict(s.reasons),
             "truncated": self.truncated,
+            "untrained": self.untrained,
         }
 
 
@@ -261,6 +265,11 @@ class ChunkEncoder:
                 seqs.append(encode_chat(self.tok, msgs, tools, add_generation_prompt=True)[0])
                 answers.append(json.dumps({"answer": r.answer}, ensure_ascii=False))
         truncated = self._truncate(seqs, masks)
+        untrained = 0
+        if self.kind in ("sft", "reasoning") and masks is not None:
+            kept = [i for i, m in enumerate(masks) if any(m[1:])]  # labels are mask[1:]
+            untrained = len(seqs) - len(kept)
+            seqs, masks = [seqs[i] for i in kept], [masks[i] for i in kept]
         return Encoded(
             tokens=_flatten(seqs, self.dtype),
             lengths=np.fromiter(map(len, seqs), np.int64, len(seqs)),
@@ -268,6 +277,7 @@ class ChunkEncoder:
             answers=answers,
             summary=summary,
             truncated=truncated,
+            untrained=untrained,
             cpu_seconds=time.process_time() - cpu,
         )
 
@@ -424,6 +434,7 @@ class PrepareReport:
     tokens: int = 0
     dtype: str = ""
     truncated: int = 0
+    untrained: int = 0  # dropped: no assistant token within max_seq_len
     bytes_done: int = 0  # input bytes processed by this run
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time, plus the workers' time on chunks
@@ -438,6 +449,11 @@ class PrepareReport:
         )
         if self.truncated:
             head += f", {self.truncated} truncated"
+        if self.untrained:
+            head += (
+                f", {self.untrained} dropped (no assistant token within max_seq_len; raise it to "
+                "train on them)"
+            )
         work = (
             f"processed {self.bytes_done / 1e6:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s, "
             f"{per_cpu:.1f} MB per CPU-second)"
@@ -592,10 +608,11 @@ def prepare(
         fmt.write_json(meta_path, meta)
     totals = _totals(done)
     report.shards = len(done)
-    report.docs, report.tokens, report.truncated = (
+    report.docs, report.tokens, report.truncated, report.untrained = (
         totals["docs"],
         totals["tokens"],
         totals["truncated"],
+        totals["untrained"],
     )
     report.seconds = time.perf_counter() - started
     report.cpu_seconds += time.process_time() - cpu_started
