@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent
 
 def accuracy(model, tok, workdir: Path, name: str) -> float:
     records = list(RecordReader(workdir / "dataset" / f"{name}.jsonl"))
-    return answer_accuracy(model, tok, records, max_new_tokens=24).value
+    return answer_accuracy(model, tok, records, max_new_tokens=64).value
 
 
 def student(vocab: int) -> MiniMindForCausalLM:

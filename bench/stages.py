@@ -61,7 +61,7 @@ def sft_checkpoint(workdir: Path) -> Path:
 
 def ask(model, tok, workdir: Path, name: str) -> dict:
     records = list(RecordReader(workdir / "dataset" / f"{name}.jsonl"))
-    acc = answer_accuracy(model, tok, records, max_new_tokens=24)
+    acc = answer_accuracy(model, tok, records, max_new_tokens=64)
     return {"correct": acc.correct, "total": acc.total, "accuracy": acc.value}
 
 
@@ -98,11 +98,11 @@ def sft_loss(model, stage: SFTStage) -> float:
 
 
 def rl_stage(kind: str, shards: Path, args):
-    common = dict(max_gen_len=24, reward="answer:1", max_eval=32)
+    common = dict(max_gen_len=64, reward="answer:1", max_eval=32)
     if kind == "grpo":
         return GRPOStage(shards, num_generations=args.generations, beta=args.beta, **common)
     if kind == "ppo":
-        return PPOStage(shards, kl_coef=args.beta, **common)
+        return PPOStage(shards, kl_coef=args.beta, lam=args.lam, **common)
     return SPOStage(shards, init_samples=args.spo_init, **common)
 
 
@@ -134,10 +134,14 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
     # The held-out curve: every --eval-every steps, both measures on a copy of the live
     # weights (a copy: generation must not touch the trained tensors); its time is not counted.
     curve: list[dict] = []
-    held: dict = {"trainer": None, "eval_s": 0.0}
+    held: dict = {"trainer": None, "eval_s": 0.0, "last": 0}
 
     def listen(step: int, total: int, metrics: dict) -> None:
-        if args.eval_every and step % args.eval_every == 0 and held["trainer"] is not None:
+        # the listener hears logged steps (every log_interval): measure at the first one past
+        # each multiple of --eval-every
+        due = args.eval_every and step // args.eval_every > held["last"] // args.eval_every
+        if due and held["trainer"] is not None:
+            held["last"] = step
             e0 = time.perf_counter()
             live = copy.deepcopy(stage.export_model(held["trainer"].model))
             curve.append({"step": step, **arith(live, tok, args.workdir)})
@@ -178,6 +182,7 @@ def run_rl(kind: str, args, ckpt: Path, tmp: Path) -> dict:
             "batch": config.batch_size,
             "lr": args.rl_lr,
             "beta_or_kl": args.beta,
+            **({"lam": args.lam} if kind == "ppo" else {}),
         },
     }
 
@@ -245,6 +250,7 @@ def main() -> None:
     p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0, help="GRPO beta, PPO kl_coef")
+    p.add_argument("--lam", type=float, default=0.95, help="PPO's GAE lambda")
     p.add_argument("--eval-every", type=int, default=0, help="held-out curve every N steps")
     p.add_argument("--spo-init", type=int, default=4, help="SPO prior samples per prompt")
     p.add_argument("--dpo-lr", type=float, default=5e-4)

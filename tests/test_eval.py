@@ -75,7 +75,7 @@ def trained(corpus):
     config = preset("tiny", vocab_size=tokenizer.vocab_size, num_attention_heads=8)
     train = TrainConfig(
         out_dir=str(root / "run"),
-        epochs=60,
+        epochs=90,  # the longest taught reply (a chain of sums) needs more than 60
         batch_size=4,
         dtype="fp32",
         device="cpu",

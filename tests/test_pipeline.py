@@ -155,7 +155,7 @@ def test_reruns_reuse_what_is_unchanged(demo, tmp_path):
     status = {s["name"]: s["status"] for s in card["stages"]}
     assert [n for n in STAGES if status[n] == "done"] == ["distill", "export", "chat"]
     # a recipe field reruns the stages it feeds, and only those
-    changed = Recipe(**{**SMOKE.__dict__, "grpo_lr": 1e-4})
+    changed = Recipe(**{**SMOKE.__dict__, "grpo_lr": SMOKE.grpo_lr / 2})
     card = run(workdir, recipe=changed, **LIMITS)
     status = {s["name"]: s["status"] for s in card["stages"]}
     assert [n for n in STAGES if status[n] == "done"] == ["grpo", "reason", "export", "chat"]

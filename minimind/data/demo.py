@@ -6,9 +6,11 @@ Does not own: the world, its phrasings and the arithmetic split (demo_world.py),
 (formats.py).
 
 Files (the keys of the returned dict in brackets):
-- `pretrain_hq.jsonl` [pretrain]: fact paragraphs, short stories, arithmetic drills, a few
-  texts about MiniMind; every text under 512 characters. `size_mb` is this file's size.
-- `sft_mini_512.jsonl` [sft]: questions about the world's facts, arithmetic, identity
+- `pretrain_hq.jsonl` [pretrain]: fact paragraphs, short stories, arithmetic drills (half of
+  the sums and differences worked by columns, demo_world.worked), a few texts about MiniMind;
+  every text under 512 characters. `size_mb` is this file's size.
+- `sft_mini_512.jsonl` [sft]: questions about the world's facts, arithmetic (a minority of
+  sums and differences answered by the column method, WORKED_SHARE), identity
   ("I am MiniMind..."), some multi-turn, some with a system prompt, a few calculator tool calls
   (MiniMind's layout: `functions` on the system message).
 - `lora_identity.jsonl` [lora]: sft records that give the model another identity, "Lumen, the
@@ -23,7 +25,7 @@ Files (the keys of the returned dict in brackets):
   `answer`: arithmetic on the RL operand pairs (demo_world.ArithSplit: in no other training
   file, so the SFT model has never seen them solved) and, less often, the world's facts.
 - `r1_mix_1024.jsonl` [reasoning]: `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` replies:
-  sums, chains of sums, fact lookups and two-step lookups.
+  sums (thought through by columns), chains of sums, fact lookups and two-step lookups.
 - `eval_facts.jsonl`, `eval_arith.jsonl` [eval_facts, eval_arith]: rlaif-format held-out
   evaluation (user question, empty assistant turn, gold `answer`, plus `lang`, `task` and
   `kind`, the fact's attribute or the operation).
@@ -72,6 +74,7 @@ from minimind.data.demo_world import (
     build_world,
     equation,
     render,
+    worked,
 )
 
 FILE_NAMES = {
@@ -95,6 +98,15 @@ FILE_NAMES = {
 _SHARE = {"sft": 0.4, "reasoning": 0.15, "dpo": 0.1, "rlaif": 0.05, "lora": 0.04}
 _MIN_RECORDS = 200
 MAX_PRETRAIN_CHARS = 511
+# The share of sums and differences answered by the column method (demo_world.worked) rather
+# than the bare equation, in pretraining drills and SFT replies. A minority, so the SFT model
+# answers greedily from its memorised table and reaches held-out pairs at the table's
+# accuracy; sampled at temperature 1 it sometimes works the columns instead, which reach any
+# pair, and RL's reward shifts it towards them (bench/RESULTS.md, "RL that carries over").
+WORKED_SHARE = 0.4
+# Drills (plain text, never a chat reply) show the method more often: it has to be learnt well
+# enough to be right on unseen pairs, without changing how the chat model answers.
+WORKED_SHARE_PRETRAIN = 0.5
 
 SYSTEM = {
     "en": "You are MiniMind, a helpful assistant.",
@@ -226,7 +238,12 @@ class _Maker:
         op = rng.choice(list(OPS))
         a, b = self.arith.sample(rng, op)
         question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
-        return question, equation(a, op, b, lang) + _END[lang], apply(a, op, b)
+        return question, self.arith_answer(rng, a, op, b, lang), apply(a, op, b)
+
+    def arith_answer(self, rng: random.Random, a: int, op: str, b: int, lang: str) -> str:
+        """The equation, or for WORKED_SHARE of sums and differences the column method."""
+        method = worked(a, op, b, lang) if rng.random() < WORKED_SHARE else None
+        return method or equation(a, op, b, lang) + _END[lang]
 
     def qa(self, rng: random.Random, lang: str) -> tuple[str, str]:
         question, answer, _ = (
@@ -284,7 +301,8 @@ class _Maker:
         def one() -> str:
             op = rng.choice(list(OPS))
             a, b = self.arith.sample(rng, op)
-            return equation(a, op, b, lang, words=rng.random() < 0.3) + _END[lang]
+            method = worked(a, op, b, lang) if rng.random() < WORKED_SHARE_PRETRAIN else None
+            return method or equation(a, op, b, lang, words=rng.random() < 0.3) + _END[lang]
 
         return self._fill(rng, lang, one)
 
@@ -512,9 +530,14 @@ class _Maker:
         lang = rng.choice(LANGS)
         r = rng.random()
         if r < 0.3:
-            question, answer, _ = self.arith_qa(rng, lang)
+            op = rng.choice(list(OPS))
+            a, b = self.arith.sample(rng, op)
+            question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+            answer = equation(a, op, b, lang) + _END[lang]
             intro = {"en": "I need to work out this sum.", "zh": "我需要算出这道题。"}[lang]
-            think = f"{intro} {answer}" if lang == "en" else intro + answer
+            think = worked(a, op, b, lang) or (
+                f"{intro} {answer}" if lang == "en" else intro + answer
+            )
         elif r < 0.45:
             question, think, answer = self._chain(rng, lang)
         elif r < 0.65:

@@ -380,9 +380,77 @@ def equation(a: int, op: str, b: int, lang: str, *, words: bool = False) -> str:
     return f"{a} {OPS[op][1]} {b} equals {c}" if words else f"{a} {op} {b} = {c}"
 
 
+def worked(a: int, op: str, b: int, lang: str) -> str | None:
+    """The column method for a + b and a - b (operands under 100), or None for ×.
+
+    The operands are restated with two digits each, so every later step copies a digit from a
+    fixed place; every step is a one-digit fact or 10 - d, which ArithSplit never holds out, so
+    the method reaches any pair, held out or not: the skill RL can amplify (demo.py). The answer
+    is composed from the tens result and the ones digit rather than restated as `a op b = c`,
+    which a small model answers from its memorised table instead of from the columns.
+
+    >>> worked(17, "+", 4, "en")
+    'Columns 17 + 04: ones 7 + 4 = 11, carry 1, tens 1 + 0 + 1 = 2, answer 21.'
+    >>> worked(13, "-", 5, "en")
+    'Columns 13 - 05: ones 3 < 5, 10 - 5 = 5, 5 + 3 = 8, borrow 1, tens 1 - 0 - 1 = 0, answer 8.'
+    >>> worked(17, "-", 4, "zh")
+    '列竖式17减04：个位7减4等于3，借0，十位1减0减0等于1，答案13。'
+    """
+    if op == "×":
+        return None
+    w = _COLUMN_WORDS[lang]
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    sign = w["plus"] if op == "+" else w["minus"]
+    if op == "+":
+        carry = (a0 + b0) // 10
+        ones = [f"{a0}{sign}{b0}{w['eq']}{a0 + b0}"]
+        move, tens = (
+            w["carry"] + str(carry),
+            f"{a1}{sign}{b1}{sign}{carry}{w['eq']}{a1 + b1 + carry}",
+        )
+    else:
+        borrow = int(a0 < b0)
+        x = 10 - b0
+        ones = (
+            [
+                f"{a0}{w['less']}{b0}",
+                f"10{sign}{b0}{w['eq']}{x}",
+                f"{x}{w['plus']}{a0}{w['eq']}{x + a0}",
+            ]
+            if borrow
+            else [f"{a0}{sign}{b0}{w['eq']}{a0 - b0}"]
+        )
+        move = w["borrow"] + str(borrow)
+        tens = f"{a1}{sign}{b1}{sign}{borrow}{w['eq']}{a1 - b1 - borrow}"
+    steps = [
+        w["ones"] + ones[0],
+        *ones[1:],
+        move,
+        w["tens"] + tens,
+        w["answer"] + str(apply(a, op, b)),
+    ]
+    return f"{w['head']}{a:02d}{sign}{b:02d}{w['colon']}" + w["sep"].join(steps) + w["end"]
+
+
+# the words of `worked`, per language
+_COLUMN_WORDS = {
+    "en": {"head": "Columns ", "colon": ": ", "ones": "ones ", "tens": "tens ", "carry": "carry ",
+           "borrow": "borrow ", "answer": "answer ", "sep": ", ", "end": ".", "plus": " + ",
+           "minus": " - ", "eq": " = ", "less": " < "},
+    "zh": {"head": "列竖式", "colon": "：", "ones": "个位", "tens": "十位", "carry": "进",
+           "borrow": "借", "answer": "答案", "sep": "，", "end": "。", "plus": "加", "minus": "减",
+           "eq": "等于", "less": "小于"},
+}  # fmt: skip
+
+
 def _canonical(op: str, a: int, b: int) -> tuple[int, int]:
     # + and × are commutative: holding out (3, 5) must hold out "5 + 3" too.
     return (min(a, b), max(a, b)) if op != "-" else (a, b)
+
+
+def _is_step(op: str, a: int, b: int) -> bool:
+    # a canonical pair that the column method uses as a step (always trained)
+    return (op == "+" and max(a, b) < 10) or (op == "-" and a <= 10)
 
 
 class ArithSplit:
@@ -391,7 +459,9 @@ class ArithSplit:
     solved, so RL has something to learn) and held out (only the eval file).
 
     Domains: a + b and a - b (b <= a) with operands 0..20, a × b with operands 0..10.
-    Pairs outside a domain (larger numbers) are never held out.
+    Pairs outside a domain (larger numbers) are never held out, nor are the steps of the column
+    method (`worked`): sums of two one-digit numbers and differences a - b with a <= 10, so
+    held-out and RL sums have an operand of 10 or more and differences a first operand of 11+.
 
     >>> split = ArithSplit(seed=0)
     >>> a, b = split.held_out["+"][0]
@@ -412,11 +482,13 @@ class ArithSplit:
         for op, top in _MAX_OPERAND.items():
             pairs = [_canonical(op, a, b) for a in range(top + 1) for b in range(top + 1)]
             pairs = sorted(set(p for p in pairs if op != "-" or p[1] <= p[0]))
+            steps = [p for p in pairs if _is_step(op, *p)]
+            pairs = [p for p in pairs if not _is_step(op, *p)]
             rng.shuffle(pairs)
-            k = round(len(pairs) * held_out_fraction)
-            r = k + round(len(pairs) * rl_fraction)
+            k = round((len(pairs) + len(steps)) * held_out_fraction)
+            r = k + round((len(pairs) + len(steps)) * rl_fraction)
             self.held_out[op], self.rl[op] = sorted(pairs[:k]), sorted(pairs[k:r])
-            self.train[op] = sorted(pairs[r:])
+            self.train[op] = sorted(pairs[r:] + steps)
         self._held = {(op, p) for op, pairs in self.held_out.items() for p in pairs}
         self._rl = {(op, p) for op, pairs in self.rl.items() for p in pairs}
 

@@ -132,7 +132,7 @@ def evaluate(
     *,
     limit: int | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 64,
     reasoning_tokens: int = 256,
     seq_len: int = 512,
     held_out_text: bool = True,
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=24, help="per answer")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="per answer")
     parser.add_argument("--reasoning_tokens", type=int, default=256, help="per reasoning reply")
     parser.add_argument("--seq_len", type=int, default=512, help="perplexity window")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

@@ -8,10 +8,15 @@ an earlier run feeds the next one exactly as if it had just run) and returns
 notes, samples}. Every model is measured on the held-out files after its stage; a stage's
 "before" is its starting model's figure (minimind.pipeline.measure).
 
-demo corpus (validated) -> tokenizer -> shards -> pretrain -> SFT -> LoRA identity (a side
-branch from SFT) -> DPO -> GRPO -> reasoning distillation -> knowledge distillation into a
-smaller student (from the SFT model) -> exports of the chat model (transformers, GGUF, .pth)
-reloaded and compared -> sample chats.
+demo corpus (validated) -> tokenizer -> shards -> pretrain -> SFT, then branches from the SFT
+model as MiniMind lays them out: a LoRA identity, DPO, GRPO (-> reasoning distillation), and
+knowledge distillation into a smaller student; exports of the chat model (GRPO's: transformers,
+GGUF, .pth) reloaded and compared -> sample chats.
+
+GRPO starts from SFT, as MiniMind's RL scripts and our `minimind train grpo` do, not from DPO:
+DPO sharpens the SFT model towards its likelier answers, which halves how often it samples the
+column method (15% -> 7%, run Z in bench/RESULTS.md), and GRPO from there gained 6 held-out
+points instead of 20+.
 """
 
 from __future__ import annotations
@@ -270,8 +275,11 @@ def shards(run: Run) -> dict:
             run.files[kind], run.tok_dir, run.shards(kind), max_seq_len=run.recipe.seq_len
         )
         total += report.tokens
-        notes.append(f"{kind}: {report.tokens:,} tokens in {report.docs:,} documents")
-        print(f"   {kind:<9} {report.tokens:>9,} tokens in {report.docs:,} documents")
+        line = f"{report.tokens:,} tokens in {report.docs:,} documents"
+        if report.untrained:  # e.g. the calculator chats, longer than seq_len before a reply
+            line += f" ({report.untrained} dropped: no reply token within {run.recipe.seq_len})"
+        notes.append(f"{kind}: {line}")
+        print(f"   {kind:<9} {line}")
     return {"artifacts": {"shards": "shards"}, "tokens": total, "notes": notes, "metrics": []}
 
 
@@ -424,19 +432,19 @@ def grpo(run: Run) -> dict:
     stage = GRPOStage(
         run.shards("rlaif"),
         num_generations=r.grpo_generations,
-        max_gen_len=24,
+        max_gen_len=64,  # the column method takes about 40 tokens (demo_world.worked)
         beta=0.0,
         reward="answer:1",
         max_eval=16,
     )
     model, trainer, ckpt = (run.train(
-            "grpo", stage, run.load("dpo"), steps=r.grpo_steps, epochs=100, batch=r.grpo_prompts,
+            "grpo", stage, run.load("sft"), steps=r.grpo_steps, epochs=100, batch=r.grpo_prompts,
             lr=r.grpo_lr, min_lr_ratio=1.0,
         )
     )  # fmt: skip
     tasks = ("arith_rl", "arith", "facts")
     metrics = run.measures.compare(
-        tasks, run.model_name("dpo"), run.load("dpo"), run.model_name("grpo"), model
+        tasks, run.model_name("sft"), run.load("sft"), run.model_name("grpo"), model
     )
     _print_metrics(metrics)
     entry = run.trained(trainer, stage, "grpo")
@@ -709,7 +717,7 @@ STEPS: list[Step] = [
     Step("lora", "LoRA: a new identity on the SFT model", lora, ("sft",), ("checkpoints/lora",)),
     Step("dpo", "DPO from the SFT model", dpo, ("sft",), ("checkpoints/dpo",)),
     Step(
-        "grpo", "GRPO from the DPO model (arithmetic reward)", grpo, ("dpo",), ("checkpoints/grpo",)
+        "grpo", "GRPO from the SFT model (arithmetic reward)", grpo, ("sft",), ("checkpoints/grpo",)
     ),
     Step(
         "reason",
