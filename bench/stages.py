@@ -250,7 +250,7 @@ def main() -> None:
     p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.0, help="GRPO beta, PPO kl_coef")
-    p.add_argument("--lam", type=float, default=0.95, help="PPO's GAE lambda")
+    p.add_argument("--lam", type=float, default=1.0, help="PPO's GAE lambda")
     p.add_argument("--eval-every", type=int, default=0, help="held-out curve every N steps")
     p.add_argument("--spo-init", type=int, default=4, help="SPO prior samples per prompt")
     p.add_argument("--dpo-lr", type=float, default=5e-4)
