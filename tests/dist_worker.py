@@ -107,7 +107,13 @@ def recording(
                     world = os.environ.get("WORLD_SIZE", "1")
                     cache = Path(data["sft"]).parent / f"teacher_top8_world{world}"
                     kw = dict(topk=8, teacher_cache=cache, cache_part_items=16)
-                super().__init__(data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval, **kw)
+                super().__init__(
+                    data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval, eval_fraction=0.02, **kw
+                )
+            elif kind == "sft":
+                # at least one eval row per rank (here and for distill): the 1% default gives one
+                # row of the ~200 documents
+                super().__init__(data[kind], SFT_LEN, eval_fraction=0.02, max_eval=max_eval)
             else:
                 super().__init__(data[kind], SFT_LEN, max_eval=max_eval)
             self.seen: list[list[int]] = []  # one list per micro-batch, in training order

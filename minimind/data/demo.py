@@ -500,7 +500,13 @@ class _Maker:
             if not unhelpful and rng.random() < 0.3:
                 rejected = STRANGER_REPLY[lang].format(s=fact.subject.of(lang))
         else:
-            question, chosen, c = self.arith_qa(rng, lang)
+            # the bare equation: a worked pair would differ in its last number alone, after a
+            # long shared trace that a short max_seq_len cuts off (chosen == rejected)
+            op = rng.choice(list(OPS))
+            a, b = self.arith.sample(rng, op)
+            question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+            chosen, c = equation(a, op, b, lang) + _END[lang], apply(a, op, b)
+            rng.random()  # the draw arith_answer makes: the other records stay as they were
             wrong = max(0, c + rng.choice((-3, -2, -1, 1, 2, 3)))
             wrong = wrong if wrong != c else c + 1
             rejected = chosen[: chosen.rindex(str(c))] + str(wrong) + _END[lang]
