@@ -108,7 +108,12 @@ def recording(
                     cache = Path(data["sft"]).parent / f"teacher_top8_world{world}"
                     kw = dict(topk=8, teacher_cache=cache, cache_part_items=16)
                 super().__init__(
-                    data["sft"], SFT_LEN, teacher=teacher, max_eval=max_eval, eval_fraction=0.02, **kw
+                    data["sft"],
+                    SFT_LEN,
+                    teacher=teacher,
+                    max_eval=max_eval,
+                    eval_fraction=0.02,
+                    **kw,
                 )
             elif kind == "sft":
                 # at least one eval row per rank (here and for distill): the 1% default gives one
