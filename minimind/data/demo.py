@@ -234,10 +234,15 @@ class _Maker:
         question = render(rng.choice(TRAIN_QUESTIONS[fact.attribute][lang]), fact, lang)
         return question, self.statement(rng, fact, lang), fact
 
-    def arith_qa(self, rng: random.Random, lang: str) -> tuple[str, str, int]:
+    def arith_question(self, rng: random.Random, lang: str) -> tuple[int, str, int, str]:
+        """A training pair and its question: (a, op, b, question)."""
         op = rng.choice(list(OPS))
         a, b = self.arith.sample(rng, op)
         question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+        return a, op, b, question
+
+    def arith_qa(self, rng: random.Random, lang: str) -> tuple[str, str, int]:
+        a, op, b, question = self.arith_question(rng, lang)
         return question, self.arith_answer(rng, a, op, b, lang), apply(a, op, b)
 
     def arith_answer(self, rng: random.Random, a: int, op: str, b: int, lang: str) -> str:
@@ -502,9 +507,7 @@ class _Maker:
         else:
             # the bare equation: a worked pair would differ in its last number alone, after a
             # long shared trace that a short max_seq_len cuts off (chosen == rejected)
-            op = rng.choice(list(OPS))
-            a, b = self.arith.sample(rng, op)
-            question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+            a, op, b, question = self.arith_question(rng, lang)
             chosen, c = equation(a, op, b, lang) + _END[lang], apply(a, op, b)
             rng.random()  # the draw arith_answer makes: the other records stay as they were
             wrong = max(0, c + rng.choice((-3, -2, -1, 1, 2, 3)))
@@ -536,9 +539,7 @@ class _Maker:
         lang = rng.choice(LANGS)
         r = rng.random()
         if r < 0.3:
-            op = rng.choice(list(OPS))
-            a, b = self.arith.sample(rng, op)
-            question = _arith_question(a, op, b, lang, rng.randrange(len(ARITH_QUESTIONS[lang])))
+            a, op, b, question = self.arith_question(rng, lang)
             answer = equation(a, op, b, lang) + _END[lang]
             intro = {"en": "I need to work out this sum.", "zh": "我需要算出这道题。"}[lang]
             think = worked(a, op, b, lang) or (
