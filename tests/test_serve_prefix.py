@@ -58,8 +58,9 @@ def ask(server, loaded, messages, **kw):
 
 
 def reply(choice) -> tuple[str, str]:
+    # a reply without a think block has no reasoning_content field at all
     message = choice.message
-    return message.reasoning_content or "", message.content or ""
+    return getattr(message, "reasoning_content", None) or "", message.content or ""
 
 
 def plain_reply(plain, loaded, messages, max_tokens: int) -> tuple[str, str]:

@@ -7,8 +7,9 @@ Does not own: the world, its phrasings and the arithmetic split (demo_world.py),
 
 Files (the keys of the returned dict in brackets):
 - `pretrain_hq.jsonl` [pretrain]: fact paragraphs, short stories, arithmetic drills (half of
-  the sums and differences worked by columns, demo_world.worked), a few texts about MiniMind;
-  every text under 512 characters. `size_mb` is this file's size.
+  their equations the column method's one-digit steps, half of all sums and differences
+  worked by columns, demo_world.worked), a few texts about MiniMind; every text under 512
+  characters. `size_mb` is this file's size.
 - `sft_mini_512.jsonl` [sft]: questions about the world's facts, arithmetic (a minority of
   sums and differences answered by the column method, WORKED_SHARE), identity
   ("I am MiniMind..."), some multi-turn, some with a system prompt, a few calculator tool calls
@@ -19,8 +20,8 @@ Files (the keys of the returned dict in brackets):
   wrong, "I don't know", or declines to know the person; about strangers (people not in the
   world, that no other file mentions), chosen says so ("I don't know anyone called Zora.") and
   rejected makes a fact up; identity questions and greetings, chosen is the SFT reply and
-  rejected an abstention. SFT never shows the abstention, so the stranger pairs are what DPO
-  has to teach, and the others keep it to strangers.
+  rejected an abstention; no arithmetic, which is RL's task. SFT never shows the abstention,
+  so the stranger pairs are what DPO has to teach, and the others keep it to strangers.
 - `rlaif-mini.jsonl` [rlaif]: questions with an empty last assistant turn and a verifiable
   `answer`: arithmetic on the RL operand pairs (demo_world.ArithSplit: in no other training
   file, so the SFT model has never seen them solved) and, less often, the world's facts.
@@ -107,6 +108,10 @@ WORKED_SHARE = 0.4
 # Drills (plain text, never a chat reply) show the method more often: it has to be learnt well
 # enough to be right on unseen pairs, without changing how the chat model answers.
 WORKED_SHARE_PRETRAIN = 0.5
+# The share of drill equations drawn from the method's steps (one-digit sums, differences
+# from at most 10): the facts every column reuses, which a uniform draw over all pairs left
+# at 18-40% accuracy, so the method failed on its steps, not on its layout.
+STEP_SHARE_PRETRAIN = 0.5
 
 SYSTEM = {
     "en": "You are MiniMind, a helpful assistant.",
@@ -263,7 +268,7 @@ class _Maker:
         r = rng.random()
         if r < 0.45:
             text = self._fact_paragraph(rng, lang)
-        elif r < 0.65:
+        elif r < 0.55:
             text = self._story(rng, lang)
         elif r < 0.82:
             text = self._drill(rng, lang)
@@ -305,7 +310,8 @@ class _Maker:
     def _drill(self, rng: random.Random, lang: str) -> str:
         def one() -> str:
             op = rng.choice(list(OPS))
-            a, b = self.arith.sample(rng, op)
+            step = rng.random() < STEP_SHARE_PRETRAIN
+            a, b = (self.arith.sample_step if step else self.arith.sample)(rng, op)
             method = worked(a, op, b, lang) if rng.random() < WORKED_SHARE_PRETRAIN else None
             return method or equation(a, op, b, lang, words=rng.random() < 0.3) + _END[lang]
 
@@ -496,23 +502,16 @@ class _Maker:
                 "chosen": [*prompt, _assistant(chosen)],
                 "rejected": [*prompt, _assistant(rejected)],
             }
-        # rejected: unhelpful, declining to know a person the model knows, or wrong
+        # rejected: unhelpful, declining to know a person the model knows, or wrong. No
+        # arithmetic pairs: arithmetic is RL's (a verifiable reward), and DPO on it shifted
+        # SFT's mix of bare and column-worked replies, most of DPO's cost to the held-out SFT
+        # loss (bench/RESULTS.md, "RL that carries over", section 6)
         unhelpful = rng.random() < 0.3
-        if rng.random() < 0.6:
-            question, chosen, fact = self.fact_qa(rng, lang)
-            wrong = rng.choice([v for v in self.values[fact.attribute] if v != fact.value])
-            rejected = self.statement(rng, fact._replace(value=wrong), lang)
-            if not unhelpful and rng.random() < 0.3:
-                rejected = STRANGER_REPLY[lang].format(s=fact.subject.of(lang))
-        else:
-            # the bare equation: a worked pair would differ in its last number alone, after a
-            # long shared trace that a short max_seq_len cuts off (chosen == rejected)
-            a, op, b, question = self.arith_question(rng, lang)
-            chosen, c = equation(a, op, b, lang) + _END[lang], apply(a, op, b)
-            rng.random()  # the draw arith_answer makes: the other records stay as they were
-            wrong = max(0, c + rng.choice((-3, -2, -1, 1, 2, 3)))
-            wrong = wrong if wrong != c else c + 1
-            rejected = chosen[: chosen.rindex(str(c))] + str(wrong) + _END[lang]
+        question, chosen, fact = self.fact_qa(rng, lang)
+        wrong = rng.choice([v for v in self.values[fact.attribute] if v != fact.value])
+        rejected = self.statement(rng, fact._replace(value=wrong), lang)
+        if not unhelpful and rng.random() < 0.3:
+            rejected = STRANGER_REPLY[lang].format(s=fact.subject.of(lang))
         if unhelpful:
             rejected = rng.choice(UNHELPFUL[lang])
         prompt.append(_user(question))

@@ -383,18 +383,20 @@ def equation(a: int, op: str, b: int, lang: str, *, words: bool = False) -> str:
 def worked(a: int, op: str, b: int, lang: str) -> str | None:
     """The column method for a + b and a - b (operands under 100), or None for ×.
 
-    The operands are restated with two digits each, so every later step copies a digit from a
-    fixed place; every step is a one-digit fact or 10 - d, which ArithSplit never holds out, so
-    the method reaches any pair, held out or not: the skill RL can amplify (demo.py). The answer
-    is composed from the tens result and the ones digit rather than restated as `a op b = c`,
-    which a small model answers from its memorised table instead of from the columns.
+    Every step is a one-digit fact or 10 - d, which ArithSplit never holds out, so the method
+    reaches any pair, held out or not: the skill RL can amplify (demo.py). The operands are
+    restated as the question wrote them: a copy of a token sequence, which a 2M model gets
+    right far more often than a restatement padded to two digits, with which it copied the
+    wrong operand (bench/RESULTS.md, "RL that carries over", section 6). The answer is composed
+    from the tens result and the ones digit rather than restated as `a op b = c`, which a small
+    model answers from its memorised table instead of from the columns.
 
     >>> worked(17, "+", 4, "en")
-    'Columns 17 + 04: ones 7 + 4 = 11, carry 1, tens 1 + 0 + 1 = 2, answer 21.'
+    'Columns 17 + 4: ones 7 + 4 = 11, carry 1, tens 1 + 0 + 1 = 2, answer 21.'
     >>> worked(13, "-", 5, "en")
-    'Columns 13 - 05: ones 3 < 5, 10 - 5 = 5, 5 + 3 = 8, borrow 1, tens 1 - 0 - 1 = 0, answer 8.'
+    'Columns 13 - 5: ones 3 < 5, 10 - 5 = 5, 5 + 3 = 8, borrow 1, tens 1 - 0 - 1 = 0, answer 8.'
     >>> worked(17, "-", 4, "zh")
-    '列竖式17减04：个位7减4等于3，借0，十位1减0减0等于1，答案13。'
+    '列竖式17减4：个位7减4等于3，借0，十位1减0减0等于1，答案13。'
     """
     if op == "×":
         return None
@@ -429,7 +431,7 @@ def worked(a: int, op: str, b: int, lang: str) -> str | None:
         w["tens"] + tens,
         w["answer"] + str(apply(a, op, b)),
     ]
-    return f"{w['head']}{a:02d}{sign}{b:02d}{w['colon']}" + w["sep"].join(steps) + w["end"]
+    return f"{w['head']}{a}{sign}{b}{w['colon']}" + w["sep"].join(steps) + w["end"]
 
 
 # the words of `worked`, per language
@@ -479,6 +481,7 @@ class ArithSplit:
         self.train: dict[str, list[tuple[int, int]]] = {}
         self.held_out: dict[str, list[tuple[int, int]]] = {}
         self.rl: dict[str, list[tuple[int, int]]] = {}
+        self.steps: dict[str, list[tuple[int, int]]] = {}
         for op, top in _MAX_OPERAND.items():
             pairs = [_canonical(op, a, b) for a in range(top + 1) for b in range(top + 1)]
             pairs = sorted(set(p for p in pairs if op != "-" or p[1] <= p[0]))
@@ -489,6 +492,7 @@ class ArithSplit:
             r = k + round((len(pairs) + len(steps)) * rl_fraction)
             self.held_out[op], self.rl[op] = sorted(pairs[:k]), sorted(pairs[k:r])
             self.train[op] = sorted(pairs[r:] + steps)
+            self.steps[op] = steps
         self._held = {(op, p) for op, pairs in self.held_out.items() for p in pairs}
         self._rl = {(op, p) for op, pairs in self.rl.items() for p in pairs}
 
@@ -503,10 +507,18 @@ class ArithSplit:
 
     def sample_rl(self, rng: random.Random, op: str) -> tuple[int, int]:
         """An RL pair, in a random order for commutative operations."""
-        a, b = rng.choice(self.rl[op])
-        return (b, a) if op != "-" and rng.random() < 0.5 else (a, b)
+        return _either_order(rng, op, rng.choice(self.rl[op]))
+
+    def sample_step(self, rng: random.Random, op: str) -> tuple[int, int]:
+        """A step of the column method (a one-digit sum or a difference from at most 10), in a
+        random order for sums; for ×, which has no steps, any training pair."""
+        return _either_order(rng, op, rng.choice(self.steps[op] or self.train[op]))
 
     def sample(self, rng: random.Random, op: str) -> tuple[int, int]:
         """A training pair, in a random order for commutative operations."""
-        a, b = rng.choice(self.train[op])
-        return (b, a) if op != "-" and rng.random() < 0.5 else (a, b)
+        return _either_order(rng, op, rng.choice(self.train[op]))
+
+
+def _either_order(rng: random.Random, op: str, pair: tuple[int, int]) -> tuple[int, int]:
+    a, b = pair
+    return (b, a) if op != "-" and rng.random() < 0.5 else (a, b)
