@@ -505,7 +505,7 @@ class _Maker:
         # rejected: unhelpful, declining to know a person the model knows, or wrong. No
         # arithmetic pairs: arithmetic is RL's (a verifiable reward), and DPO on it shifted
         # SFT's mix of bare and column-worked replies, most of DPO's cost to the held-out SFT
-        # loss (bench/RESULTS.md, "RL that carries over", section 6)
+        # loss (bench/RESULTS.md, "The stages after SFT", section 6)
         unhelpful = rng.random() < 0.3
         question, chosen, fact = self.fact_qa(rng, lang)
         wrong = rng.choice([v for v in self.values[fact.attribute] if v != fact.value])

@@ -387,7 +387,7 @@ def worked(a: int, op: str, b: int, lang: str) -> str | None:
     reaches any pair, held out or not: the skill RL can amplify (demo.py). The operands are
     restated as the question wrote them: a copy of a token sequence, which a 2M model gets
     right far more often than a restatement padded to two digits, with which it copied the
-    wrong operand (bench/RESULTS.md, "RL that carries over", section 6). The answer is composed
+    wrong operand (bench/RESULTS.md, "The stages after SFT", section 6). The answer is composed
     from the tens result and the ones digit rather than restated as `a op b = c`, which a small
     model answers from its memorised table instead of from the columns.
 

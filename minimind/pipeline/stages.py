@@ -16,7 +16,7 @@ GGUF, .pth) reloaded and compared -> sample chats.
 GRPO starts from SFT, as MiniMind's RL scripts and our `minimind train grpo` do, not from DPO:
 DPO sharpens the SFT model towards its likelier answers, which halves how often it samples the
 column method (15% -> 7%, run Z in bench/RESULTS.md), and GRPO from there gained 6 held-out
-points instead of 20+.
+points; from SFT it gains 10-40 (runs W0-W2).
 """
 
 from __future__ import annotations
@@ -432,7 +432,7 @@ def grpo(run: Run) -> dict:
     stage = GRPOStage(
         run.shards("rlaif"),
         num_generations=r.grpo_generations,
-        max_gen_len=64,  # the column method takes about 40 tokens (demo_world.worked)
+        max_gen_len=64,  # the column method takes up to 56 tokens (demo_world.worked)
         beta=0.0,
         reward="answer:1",
         max_eval=16,
