@@ -29,16 +29,22 @@ bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
 needs a trained model (random weights make drafts worthless): greedy chat replies at batch 1,
 stopping at eos, from the target plain (eager, and compiled unless --no-compile), with n-gram
 drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer) drafting; unless
---no-compile, both drafters also run compiled (`generate(draft=..., compile=True)`: a fixed
-k = --spec-compile-k, default 3, since an adapted k would recompile). Two prompt sets
-from `--spec-data` (chat jsonl, MiniMind's SFT format): "chat", single questions, and
-"repeat", three earlier exchanges followed by the second question again, so the answer repeats
-text of the prompt (where prompt lookup pays). A timed call answers the whole set; the sides
-take turns call by call; tokens/s, acceptance rate and tokens per target forward are reported,
-and every side's replies are checked against plain greedy's. A "prefill only" side (one token
-per prompt) takes its turn too, so the decode rate after the prefill is reported apart: the
-demo's replies are short, and no drafter speeds up the prefill. JSON default:
-bench/results/decode_speculative.json.
+--no-compile, both drafters also run compiled (`generate(draft=..., compile=True)`: a fixed k =
+--spec-compile-k, since an adapted k would recompile; default 2: on a CPU in fp32 a
+verification of 3 columns costs about one decode step and one of 4 about 1.6x: an fp32
+`F.linear` of 4 rows takes about twice as long as one of 1 to 3 rows here, bench/RESULTS.md).
+The references take their turns too: transformers' `generate` (default cache, eos stops) on the
+target's twin (not with --skip-hf), and llama.cpp on the target's f32 and f16 GGUF exports (in
+its own process, after the torch sides; not with --skip-llamacpp), each generating as many
+tokens per prompt as plain greedy's reply, with its own prefill-only side for its decode rate.
+Two prompt sets from `--spec-data` (chat jsonl, MiniMind's SFT format): "chat", single
+questions, and "repeat", three earlier exchanges followed by the second question again, so the
+answer repeats text of the prompt (where prompt lookup pays). A timed call answers the whole
+set; the sides take turns call by call; tokens/s, acceptance rate and tokens per target forward
+are reported, and every side's replies are checked against plain greedy's. A "prefill only"
+side (one token per prompt) takes its turn too, so the decode rate after the prefill is
+reported apart: the demo's replies are short, and no drafter speeds up the prefill. JSON
+default: bench/results/decode_speculative.json.
 Run `python bench/decode.py --help`.
 """
 
@@ -82,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--repeats", type=int, default=5, help="timed calls per side")
     arg("--threads", type=int, default=0, help="threads per side (0: one per core)")
     arg("--skip-llamacpp", action="store_true", help="ours and transformers only")
+    arg("--skip-hf", action="store_true", help="speculative mode: no transformers side")
     arg("--no-compile", action="store_true", help="skip the compiled side (generate(compile=True))")
     arg("--quick", action="store_true", help="tiny preset, 8 + 8 tokens, 1 repeat: a smoke run")
     arg("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
@@ -94,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg(
         "--spec-compile-k",
         type=int,
-        default=3,
+        default=2,
         help="draft tokens per round of the compiled speculative sides (fixed: compiled)",
     )
     args = p.parse_args(argv)
@@ -150,39 +157,54 @@ def hf_fn(hf, prompt: list[int], n: int, cfg, out: dict, static: bool = False):
 
 
 def llamacpp_worker(args) -> None:
-    """The child process: time llama.cpp on one GGUF; job JSON on stdin, result on stdout."""
+    """The child process: time llama.cpp on one GGUF; job JSON on stdin, result on stdout.
+
+    The job is a list of prompts and, for each, how many tokens to generate (no eos stop); a
+    timed call generates them all, as a speculative-mode call answers its whole prompt set."""
     import llama_cpp
 
     job = json.loads(sys.stdin.read())
-    prompt, n = job["prompt"], job["n"]
+    prompts, ns = job["prompts"], job["ns"]
     llm = llama_cpp.Llama(
         str(args.llamacpp_worker),
-        n_ctx=len(prompt) + n + 16,
-        n_batch=max(len(prompt), 32),
+        n_ctx=max(len(p) + n for p, n in zip(prompts, ns)) + 16,
+        n_batch=max(max(len(p) for p in prompts), 32),
         n_threads=args.threads,
         n_threads_batch=args.threads,
         verbose=False,
     )
-    out: dict[str, list[int]] = {}
+    out: dict[str, list[list[int]]] = {}
 
-    def run() -> None:
-        # reset() first: generate() would otherwise reuse the KV cache of the previous call's
-        # identical prompt and skip the prefill.
-        llm.reset()
-        tokens = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy sampler
-            tokens.append(int(token))
-            if len(tokens) == n:  # as ours: prefill + n - 1 decode steps, no eos stop
-                break
-        out["tokens"] = tokens
+    def fn(side: str, counts: list[int]):
+        def run() -> None:
+            replies = []
+            for prompt, n in zip(prompts, counts):
+                # reset() first: generate() would otherwise reuse the KV cache of the previous
+                # call's identical prompt and skip the prefill.
+                llm.reset()
+                tokens: list[int] = []
+                for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):  # greedy
+                    tokens.append(int(token))
+                    if len(tokens) == n:  # as ours: prefill + n - 1 decode steps, no eos stop
+                        break
+                replies.append(tokens)
+            out[side] = replies
 
-    times = alternate({"llama.cpp": run}, 1, job["repeats"], "cpu")["llama.cpp"]
-    print(json.dumps({"times": times, "tokens": out["tokens"]}))
+        return run
+
+    fns = {"llama.cpp": fn("llama.cpp", ns)}
+    if job["prefill"]:  # one token per prompt, taking turns: the decode rate apart
+        fns["prefill only"] = fn("prefill only", [1] * len(ns))
+    times = alternate(fns, 1, job["repeats"], "cpu")
+    print(json.dumps({"times": times, "tokens": out["llama.cpp"]}))
 
 
-def run_llamacpp(path: Path, prompt: list[int], n: int, args) -> tuple[list[float], list[int]]:
-    """-> (seconds per call, tokens) of llama.cpp on `path`, from a child process."""
-    job = json.dumps({"prompt": prompt, "n": n, "repeats": args.repeats})
+def run_llamacpp(
+    path: Path, prompts: list[list[int]], ns: list[int], args, prefill: bool = False
+) -> tuple[dict[str, list[float]], list[list[int]]]:
+    """-> ({"llama.cpp": seconds per call[, "prefill only": ...]}, tokens per prompt) of
+    llama.cpp on `path`, from a child process."""
+    job = json.dumps({"prompts": prompts, "ns": ns, "repeats": args.repeats, "prefill": prefill})
     cmd = [sys.executable, __file__, "--llamacpp-worker", str(path), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, input=job, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -191,13 +213,17 @@ def run_llamacpp(path: Path, prompt: list[int], n: int, args) -> tuple[list[floa
     return result["times"], result["tokens"]
 
 
-def export_ggufs(model: MiniMindForCausalLM, folder: Path) -> dict[str, Path]:
-    """f32 and f16 GGUF files of `model`, with a small tokenizer (the ids decoded here are
-    random; a tokenizer smaller than the vocabulary is padded with unused ids)."""
+def export_ggufs(model: MiniMindForCausalLM, folder: Path, tokenizer=None) -> dict[str, Path]:
+    """f32 and f16 GGUF files of `model` with `tokenizer` (a trained model's); without one, a
+    small tokenizer (the ids decoded here are random; a tokenizer smaller than the vocabulary is
+    padded with unused ids)."""
     from minimind.convert.gguf import export_gguf
 
-    texts = ["the quick brown fox jumps over the lazy dog 0123456789"] * 50
-    tok = train_tokenizer(texts, folder / "tok", 300, show_progress=False)
+    if tokenizer is None:
+        texts = ["the quick brown fox jumps over the lazy dog 0123456789"] * 50
+        tok = train_tokenizer(texts, folder / "tok", 300, show_progress=False)
+    else:
+        tok = tokenizer.save(folder / "tok")
     paths = {}
     for dtype in ("f32", "f16"):
         paths[dtype] = folder / f"model-{dtype}.gguf"
@@ -237,7 +263,8 @@ def bench_preset(name: str, args, llama_cpp: str | None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for dtype, path in export_ggufs(model, Path(tmp)).items():
                 side = f"llama.cpp {dtype}"
-                times[side], out[side] = run_llamacpp(path, prompt, n, args)
+                t, (out[side],) = run_llamacpp(path, [prompt], [n], args)
+                times[side] = t["llama.cpp"]
     wall = time.perf_counter() - t0
     sides = {
         side: {
@@ -336,8 +363,10 @@ def spec_prompts(tokenizer, data: Path, n: int) -> dict[str, list[list[int]]]:
     return {"chat": chat, "repeat": repeat}
 
 
-def bench_speculative(args) -> dict:
-    """Plain vs speculative greedy decoding of a trained target over both prompt sets."""
+def bench_speculative(args, llama_cpp: str | None) -> dict:
+    """Plain vs speculative greedy decoding of a trained target over both prompt sets, with
+    transformers' `generate` (default cache) on the target's twin and llama.cpp on its GGUF
+    exports as references: each generates as many tokens per prompt as plain greedy's reply."""
     from minimind.infer.chat import stop_ids
     from minimind.infer.load import load_model
 
@@ -359,6 +388,11 @@ def bench_speculative(args) -> dict:
         if draft is not None:
             drafters["draft model compiled"] = draft.model
     drafters["prefill only"] = None  # max_new_tokens=1: the share no drafter can speed up
+    hf = None if args.skip_hf else llama_twin(target.model).eval()
+    tmp = tempfile.TemporaryDirectory()
+    ggufs = (
+        {} if llama_cpp is None else export_ggufs(target.model, Path(tmp.name), target.tokenizer)
+    )
     out: dict[str, dict[str, list]] = {}
 
     def fn(set_name: str, side: str):
@@ -384,15 +418,42 @@ def bench_speculative(args) -> dict:
 
         return run
 
+    def hf_run(set_name: str, side: str):
+        def run() -> None:  # runs after plain's warm-up, which fixes each reply's length
+            plain = out[set_name]["plain"]
+            cfg = target.model.config
+            ns = [1 if side.endswith("prefill") else len(r) for r in plain]
+            out[set_name][side] = [
+                hf_generate(hf, torch.tensor([p]), n, cfg, eos_stops=True)[0]
+                for p, n in zip(sets[set_name], ns)
+            ]
+
+        return run
+
     report = {}
     for set_name in sets:
         out[set_name] = {}
         fns = {side: fn(set_name, side) for side in drafters}
+        if hf is not None:
+            fns["transformers"] = hf_run(set_name, "transformers")
+            fns["transformers prefill"] = hf_run(set_name, "transformers prefill")
         t0 = time.perf_counter()
         times = alternate(fns, 1, args.repeats, "cpu")
-        plain = out[set_name]["plain"]
+        plain = [list(r) for r in out[set_name]["plain"]]
         tokens = sum(len(r) for r in plain)
         prefill = times.pop("prefill only")
+        references = {}  # side: (seconds per call, seconds per prefill-only call)
+        if hf is not None:
+            references["transformers"] = (
+                times.pop("transformers"),
+                times.pop("transformers prefill"),
+            )
+        for dtype, path in ggufs.items():  # in its own process, after the torch sides
+            side = f"llama.cpp {dtype}"
+            t, out[set_name][side] = run_llamacpp(
+                path, sets[set_name], [len(r) for r in plain], args, prefill=True
+            )
+            references[side] = (t["llama.cpp"], t["prefill only"])
         sides = {}
         for side, t in times.items():
             replies = out[set_name][side]
@@ -405,7 +466,7 @@ def bench_speculative(args) -> dict:
                 "best_ms": min(t) * 1e3,
                 # after each prompt's first token (the prefill's, timed apart): the decode rate
                 "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(prefill), 1e-9),
-                "same_as_plain": [list(r) for r in replies] == [list(r) for r in plain],
+                "same_as_plain": [list(r) for r in replies] == plain,
                 "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else None,
                 "tokens_per_target_forward": (
                     sum(s.tokens for s in stats) / row_rounds if row_rounds else None
@@ -416,15 +477,31 @@ def bench_speculative(args) -> dict:
             sides[side]["decode_vs_plain"] = (
                 sides[side]["decode_tokens_per_s"] / sides["plain"]["decode_tokens_per_s"]
             )
+        refs = {}
+        for ref, (t, t_prefill) in references.items():
+            replies = [list(r) for r in out[set_name][ref]]
+            refs[ref] = {
+                "tokens_per_s": tokens / min(t),
+                "median_tokens_per_s": tokens / statistics.median(t),
+                "best_ms": min(t) * 1e3,
+                "prefill_best_ms": min(t_prefill) * 1e3,
+                "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(t_prefill), 1e-9),
+                "replies_same_as_plain": sum(a == b for a, b in zip(replies, plain)),
+            }
+            for side in sides:
+                for rate, key in (("tokens_per_s", "vs"), ("decode_tokens_per_s", "decode vs")):
+                    sides[side][f"{key} {ref}"] = sides[side][rate] / refs[ref][rate]
         report[set_name] = {
             "prompts": len(sets[set_name]),
             "prefill_best_ms": min(prefill) * 1e3,
             "mean_prompt_tokens": statistics.mean(len(p) for p in sets[set_name]),
             "reply_tokens": tokens,
             "sides": sides,
+            "references": refs,
             "wall_s": time.perf_counter() - t0,
         }
         print(f"  {set_name}: {report[set_name]['wall_s']:.0f} s", file=sys.stderr)
+    tmp.cleanup()
     return {
         "target": f"{args.spec_target} ({target.model.num_parameters() / 1e6:.2f}M)",
         "draft": None
@@ -435,14 +512,17 @@ def bench_speculative(args) -> dict:
 
 
 def spec_table(report: dict) -> str:
+    refs = next(iter(report["sets"].values()))["references"]
     rows = [["set", "side", "tok/s", "median", "vs plain", "decode tok/s", "vs plain"]]
     rows[0] += ["accepted", "tok/fwd", "same"]
+    rows[0] += [f"{key} {ref}" for ref in refs for key in ("vs", "decode vs")]
     for set_name, r in report["sets"].items():
+        name = f"{set_name} ({r['prompts']} x ~{r['mean_prompt_tokens']:.0f} tok)"
         for side, s in r["sides"].items():
             acc, tpf = s["acceptance_rate"], s["tokens_per_target_forward"]
             rows.append(
                 [
-                    f"{set_name} ({r['prompts']} x ~{r['mean_prompt_tokens']:.0f} tok)",
+                    name,
                     side,
                     f"{s['tokens_per_s']:.0f}",
                     f"{s['median_tokens_per_s']:.0f}",
@@ -452,29 +532,37 @@ def spec_table(report: dict) -> str:
                     "-" if acc is None else f"{acc:.0%}",
                     "-" if tpf is None else f"{tpf:.2f}",
                     "yes" if s["same_as_plain"] else "NO",
+                    *[f"{s[f'{key} {ref}']:.2f}x" for ref in refs for key in ("vs", "decode vs")],
                 ]
             )
+        for ref, s in r["references"].items():
+            same = f"{s['replies_same_as_plain']}/{r['prompts']}"
+            rows.append([name, ref, f"{s['tokens_per_s']:.0f}", f"{s['median_tokens_per_s']:.0f}"])
+            rows[-1] += ["-", f"{s['decode_tokens_per_s']:.0f}", "-", "-", "-", same]
+            rows[-1] += ["-" for _ in refs for _ in range(2)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def main_speculative(args) -> dict:
+def main_speculative(args, llama_cpp: str | None) -> dict:
     import transformers  # noqa: F401  (meta() reports its version)
 
     if args.out == DEFAULT_OUT:
         args.out = DEFAULT_OUT.with_name("decode_speculative.json")
-    report = {"meta": meta(args, None), **bench_speculative(args)}
+    report = {"meta": meta(args, llama_cpp), **bench_speculative(args, llama_cpp)}
     report["meta"]["loadavg_end"] = os.getloadavg()
-    report["meta"]["weights"] = "trained checkpoints, fp32"
-    for key in ("prompt_len", "llamacpp", "llama_cpp_python"):
-        report["meta"].pop(key)
+    report["meta"]["weights"] = (
+        "trained checkpoints, fp32; GGUF f32 and f16; llama.cpp KV cache f16 (default)"
+    )
+    report["meta"].pop("prompt_len")
     m = report["meta"]
     print(
         f"speculative greedy decode, batch 1, up to {args.new_tokens} new tokens (eos stops), "
         f"best of {args.repeats}; target {report['target']}, draft {report['draft']}; "
-        f"{m['device_name']}, {args.threads} threads; 1-min load average "
+        f"{m['device_name']}, {args.threads} threads; torch {m['torch']}, transformers "
+        f"{m['transformers']}, llama-cpp-python {m['llama_cpp_python']}; 1-min load average "
         f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
     )
     print(spec_table(report))
@@ -489,14 +577,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.llamacpp_worker:
         llamacpp_worker(args)
         return None
-    if args.spec_target is not None:
-        return main_speculative(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     llama_cpp = None if args.skip_llamacpp else llama_cpp_version()
     if llama_cpp is None and not args.skip_llamacpp:
         print("llama-cpp-python is not installed: llama.cpp columns skipped", file=sys.stderr)
+    if args.spec_target is not None:
+        return main_speculative(args, llama_cpp)
     report = {"meta": meta(args, llama_cpp), "presets": {}}
     for name in args.presets:
         report["presets"][name] = bench_preset(name, args, llama_cpp)

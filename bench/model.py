@@ -305,15 +305,18 @@ def decode_dtype(args) -> torch.dtype:
 
 
 @torch.inference_mode()
-def hf_generate(hf, ids: torch.Tensor, n: int, cfg, static: bool = False) -> list[list[int]]:
-    """transformers' greedy `generate` of exactly n new tokens per row of ids (B, T);
-    static=True: its static KV cache (what a compiled forward needs)."""
+def hf_generate(
+    hf, ids: torch.Tensor, n: int, cfg, static: bool = False, eos_stops: bool = False
+) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly n new tokens per row of ids (B, T), or at most
+    n ending at eos when `eos_stops`; static=True: its static KV cache (what a compiled forward
+    needs)."""
     seq = hf.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         do_sample=False,
         max_new_tokens=n,
-        min_new_tokens=n,
+        min_new_tokens=0 if eos_stops else n,
         pad_token_id=cfg.pad_token_id,
         eos_token_id=cfg.eos_token_id,
         **({"cache_implementation": "static"} if static else {}),

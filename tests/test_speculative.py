@@ -364,7 +364,11 @@ def test_chat_draft_flags(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_speculative_mode_writes_its_report(tmp_path):
     """At toy size (random tiny checkpoints): every side answers both sets as plain greedy
-    does, and the JSON carries acceptance rates and tokens per target forward."""
+    does, and the JSON carries acceptance rates and tokens per target forward, and the
+    references (transformers on the twin; llama.cpp on the GGUF exports when installed) with
+    their replies and our sides' ratios to them."""
+    from importlib.util import find_spec
+
     target = make_checkpoint(tmp_path / "t")
     tok = make_tokenizer(tmp_path / "t")
     draft = save_checkpoint(tmp_path / "d", tiny_chat_model(seed=1), tokenizer_dir=tok)
@@ -399,4 +403,14 @@ def test_bench_speculative_mode_writes_its_report(tmp_path):
         assert all(s["same_as_plain"] for s in r["sides"].values())
         spec = r["sides"]["draft model"]
         assert 0 <= spec["acceptance_rate"] <= 1 and spec["tokens_per_target_forward"] >= 1
-    assert "tok/fwd" in proc.stdout
+        refs = {"transformers"}
+        if find_spec("llama_cpp") is not None:
+            refs |= {"llama.cpp f32", "llama.cpp f16"}
+        assert set(r["references"]) == refs
+        # same weights, greedy, fp32: the references generate plain greedy's replies
+        assert r["references"]["transformers"]["replies_same_as_plain"] == 2
+        if "llama.cpp f32" in refs:
+            assert r["references"]["llama.cpp f32"]["replies_same_as_plain"] == 2
+        assert r["references"]["transformers"]["prefill_best_ms"] > 0
+        assert spec["vs transformers"] > 0 and spec["decode vs transformers"] > 0
+    assert "tok/fwd" in proc.stdout and "vs transformers" in proc.stdout
