@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -147,7 +148,7 @@ def served(model_dir):
     loaded = load_model(model_dir, device="cpu")
     server = Server(create_app(loaded, api_key=KEY))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-    yield client, loaded.name
+    yield client, loaded
     server.stop()
 
 
@@ -157,7 +158,8 @@ def off(thinking: bool) -> dict:
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_server_reasoning_content_apart_from_content(served, thinking):
-    client, name = served
+    client, loaded = served
+    name = loaded.name
     for q, r, a in CASES:
         messages = [{"role": "user", "content": q}]
         reply = client.chat.completions.create(
@@ -171,24 +173,33 @@ def test_server_reasoning_content_apart_from_content(served, thinking):
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_server_streams_reasoning_deltas_before_content_deltas(served, thinking):
-    client, name = served
+    client, loaded = served
     q, r, a = CASES[0]
-    chunks = client.chat.completions.create(
-        model=name,
-        messages=[{"role": "user", "content": q}],
-        temperature=0,
-        stream=True,
-        **off(thinking),
-    )
-    kinds = []  # ("reasoning" | "content", text) per delta, in order
-    for chunk in chunks:
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        if getattr(delta, "reasoning_content", None):
-            kinds.append(("reasoning", delta.reasoning_content))
-        if delta.content:
-            kinds.append(("content", delta.content))
+    # The server sends what has accumulated since its last write in one chunk (a writer that
+    # fell behind sends several tokens at once), and the tiny model can write a whole reasoning
+    # faster than a busy CI machine schedules the writer. Each decoder forward here waits 20 ms,
+    # so every token is written before the next exists, and "streamed, not in one piece" is
+    # what the server does rather than a race.
+    slow = loaded.model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    try:
+        chunks = client.chat.completions.create(
+            model=loaded.name,
+            messages=[{"role": "user", "content": q}],
+            temperature=0,
+            stream=True,
+            **off(thinking),
+        )
+        kinds = []  # ("reasoning" | "content", text) per delta, in order
+        for chunk in chunks:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            if getattr(delta, "reasoning_content", None):
+                kinds.append(("reasoning", delta.reasoning_content))
+            if delta.content:
+                kinds.append(("content", delta.content))
+    finally:
+        slow.remove()
     reasoning = "".join(t for k, t in kinds if k == "reasoning")
     content = "".join(t for k, t in kinds if k == "content")
     assert (reasoning, content) == ((r if thinking else ""), answer_block(a))
