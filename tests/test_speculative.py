@@ -256,6 +256,56 @@ def test_compiled_speculation_equals_plain_greedy(target, draft):
         assert got == want and [c.finish_reason for c in got] == [c.finish_reason for c in want]
 
 
+def test_compiled_greedy_rounds_run_as_one_graph_each(target, draft, monkeypatch):
+    """compile=True greedy drafts and verifies each round in one compiled call
+    (speculative.compiled_greedy_round, token ids out), for draft-model and n-gram drafts;
+    min_new_tokens and log-probs take the per-forward graphs instead. Every way gives plain
+    greedy's tokens (and log-probs)."""
+    from minimind.infer import speculative
+
+    calls = []
+    real = speculative.compiled_greedy_round
+
+    def counting(*args):
+        fn = real(*args)
+
+        def call(*a):
+            calls.append(1)
+            return fn(*a)
+
+        return call
+
+    monkeypatch.setattr(speculative, "compiled_greedy_round", counting)
+    prompt = PROMPTS[4]  # repeats itself: n-gram drafts find matches
+    kw = dict(max_new_tokens=24, temperature=0, stop_token_ids=())
+    plain = generate(target, [prompt], **kw)
+    for drafter in (draft, "ngram"):
+        calls.clear()
+        out = generate(target, [prompt], draft=drafter, num_draft_tokens=3, compile=True, **kw)
+        assert out == plain
+        # every round that had drafts was one call (the last round may have none to verify)
+        assert 0 < len(calls) <= out[0].speculation.rounds
+        if drafter is draft:
+            assert len(calls) >= out[0].speculation.rounds - 1
+    stop = (plain[0][4],)
+    kw = dict(max_new_tokens=12, temperature=0, stop_token_ids=stop, logprobs=True)
+    for min_new in (0, 8):
+        calls.clear()
+        want = generate(target, [prompt], min_new_tokens=min_new, **kw)[0]
+        got = generate(
+            target,
+            [prompt],
+            min_new_tokens=min_new,
+            draft=draft,
+            num_draft_tokens=3,
+            compile=True,
+            **kw,
+        )[0]
+        assert got == want and got.finish_reason == want.finish_reason and not calls
+        # compiled forwards against eager ones: equal up to float reassociation
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+
+
 # --- sampling: the target's distribution ----------------------------------------------------
 
 

@@ -61,6 +61,11 @@ Design decisions:
   (a regrowth, possible when batched rows leave holes, recompiles once), and finished rows
   are dropped as in eager (each new batch size compiles once; batch 1, as chat, never does).
   After the first call of each graph on a cache, guard evaluation is skipped as in steps.py.
+  Greedy rounds without per-position processing (no min_new_tokens, no log-probs) go further:
+  the draft model's k forwards, the verification and the argmaxes are one compiled graph that
+  returns token ids (`compiled_greedy_round`), so a round is one compiled call and one
+  device-to-host transfer instead of three calls, two transfers and the (B, k + 1, V) logits
+  on the host; the prompts are prefilled through steps.prefill's compiled graph.
 - Not supported with a draft (refused at the call): the repetition, presence and frequency
   penalties (their state would change inside a verified block).
 - Statistics (`SpeculationStats`): drafted and accepted tokens, target forwards; acceptance
@@ -84,7 +89,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.model.cache import StaticKVCache
 
 from .sampling import apply_temperature, top_k_filter, top_p_filter
-from .steps import compiled_step
+from .steps import compiled_step, prefill, skip_guards
 
 NGRAM = "ngram"
 K_START, K_MIN, K_MAX = 4, 1, 16
@@ -258,6 +263,41 @@ def compiled_verify(model: MiniMindForCausalLM):
     return fn
 
 
+_rounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_greedy_round(target: MiniMindForCausalLM, draft, k: int):
+    """A greedy round as one compiled graph, made once per (target, draft, k) and kept with
+    the target: draft k tokens (the draft model's pending block of 2, then k - 1 steps; or take
+    the given n-gram drafts) and verify them, returning only token ids, so that a round costs
+    one compiled call and one device-to-host transfer instead of three calls and two
+    transfers.
+
+    fn(last (B, 1), pending (B, 2), pending_mask (B, 2), drafts (B, k) or None, target cache,
+    draft cache or None) -> (B, 2k + 1): each row's k drafts, then the target's argmax at its
+    k + 1 columns [last, d_1..d_k]. The caller advances both caches' host lengths (k + 1
+    slots each) and rolls back what was rejected."""
+    per = _rounds.setdefault(target, {})  # (k, draft model or None) -> compiled round
+    fn = per.get((k, draft))
+    if fn is not None:
+        return fn
+
+    def greedy_round(last, pending, pending_mask, drafts, target_cache, draft_cache):
+        if draft is not None:
+            tok = draft.prefill_step(pending, draft_cache, pending_mask).argmax(-1)
+            toks = [tok]
+            for _ in range(k - 1):
+                toks.append(draft.decode_step(toks[-1][:, None], draft_cache).argmax(-1))
+            drafts = torch.stack(toks, 1)
+        best = target.verify_step(torch.cat([last, drafts], 1), target_cache).argmax(-1)
+        return torch.cat([drafts, best], 1)
+
+    on_cpu = next(target.parameters()).device.type == "cpu"
+    options = {"cpp_wrapper": True} if on_cpu else None
+    fn = per[(k, draft)] = torch.compile(greedy_round, dynamic=False, options=options)
+    return fn
+
+
 class _Cached:
     """A model with its StaticKVCache in one call: forwards over blocks of new tokens and
     single-token steps, rollback, row dropping, and capacity that grows on demand. compile:
@@ -277,7 +317,7 @@ class _Cached:
 
     def _call(self, name: str, fn, *args):
         if self.compile and name in self._guarded:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            with skip_guards(self.model):
                 return fn(*args)
         out = fn(*args)
         self._guarded.add(name)
@@ -298,6 +338,13 @@ class _Cached:
         self.room(ids.shape[1])
         out = self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=int(last))
         return out.logits[:, -1] if last else out.logits
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt (B, T) -> its last column's logits (B, V); compiled: steps.prefill."""
+        if not self.compile:
+            return self.forward(ids, mask, last=True)
+        self.room(ids.shape[1])
+        return prefill(self.model, ids, mask, self.cache)
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B,) -> next-token logits (B, V), a fixed-shape step as plain decoding's."""
@@ -474,6 +521,12 @@ def speculative_decode(
         if isinstance(cfg.draft, str)
         else _Cached(cfg.draft, b, draft_capacity, cfg.fuse, compiled)
     )
+    # compiled greedy rounds without per-position processing run as one graph (drafting and
+    # verifying, token ids out); min_new_tokens and log-probs take the per-forward graphs
+    fused = (
+        compiled and rule.greedy and cfg.min_new_tokens == 0 and not cfg.logprobs and k > 0
+    )
+    round_fn = compiled_greedy_round(model, drafter and drafter.model, k) if fused else None
 
     def draft_pending(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The draft model's forward over each row's pending tokens (B, P) -> (B, V); compiled:
@@ -496,15 +549,20 @@ def speculative_decode(
     pending: list[list[int]] = [[] for _ in range(b)]
 
     # The prefill is a round with no drafts: its logits give each row's first token.
-    logits = target.forward(ids, mask, last=True)[:, None]  # (B, 1, V)
+    logits = target.prefill(ids, mask)[:, None]  # (B, 1, V)
     if drafter is not None:
-        drafter.forward(ids, mask, last=True)
+        drafter.prefill(ids, mask)
     drafts: list[list[int]] = [[] for _ in range(b)]
     wrote = [0] * b  # draft columns each row wrote into the target's cache this round
     q = None  # (B', k, V): the draft model's distributions, when it samples
+    fed = [0] * b  # draft tokens each row fed the draft model this round
+    decided = None  # a fused round's (runs, accepted): no logits to verify
     first = True
     while True:
-        runs, accepted, lps = verify(logits, drafts, q, emitted, rule)
+        if decided is None:
+            runs, accepted, lps = verify(logits, drafts, q, emitted, rule)
+        else:
+            (runs, accepted), lps = decided, None
         reasons: list[str | None] = [None] * len(runs)
         # each row's emission ends at a stop token or its budget
         for j, run in enumerate(runs):
@@ -537,20 +595,21 @@ def speculative_decode(
                         finish[rows[j]] = reasons[j]
             yield step_type(tokens, finish, logprobs, stats)
 
-        # roll the rejected drafts back: the target holds [last, d_1..d_m] of this round, the
-        # draft model pending + d_1..d_{k-1}; both keep through d_a
+        # roll the rejected drafts back: the target holds [last, d_1..d_m] of this round (up
+        # to k + 1 columns when compiled), the draft model pending + the `fed` drafts; both
+        # keep through d_a
         m = [len(d) for d in drafts]
         target.rollback([w - a for w, a in zip(wrote, accepted)])
         if drafter is not None and any(m):
-            drafter.rollback([(mj - 1) - min(a, mj - 1) for mj, a in zip(m, accepted)])
+            drafter.rollback([f - min(a, f) for f, a in zip(fed, accepted)])
         for j, run in enumerate(runs):
             history[j] += run
             emitted[j] += len(run)
             if drafter is not None:
                 if m[j] == 0:  # nothing drafted (the prefill, or no budget): nothing consumed
                     pending[j] = [*pending[j], *run]
-                elif accepted[j] == m[j]:  # d_k was never fed to the draft model
-                    pending[j] = [drafts[j][-1], run[-1]]
+                elif accepted[j] > fed[j]:  # d_a was never fed to the draft model
+                    pending[j] = [drafts[j][accepted[j] - 1], run[-1]]
                 else:
                     pending[j] = [run[-1]]
         if fixed_k is None:
@@ -570,11 +629,17 @@ def speculative_decode(
 
         # draft the next round: at most the largest budget a row has left, less its own token
         kr = min(k, max(budget - e for e in emitted) - 1)
-        q = None
+        q, decided = None, None
         if kr <= 0:
             drafts = [[] for _ in rows]
         elif drafter is None:
             drafts = [ngram_draft(h, kr) for h in history]
+        elif fused:
+            drafts, decided = _fused_round(
+                round_fn, k, target, drafter, history, pending, kr, pad_id
+            )
+            wrote, fed = [k] * len(rows), [k - 1] * len(rows)
+            continue
         else:
             drafts, q = draft_with_model(
                 draft_pending,
@@ -586,10 +651,15 @@ def speculative_decode(
                 pad_id,
                 device,
             )
+            fed = [len(d) - 1 for d in drafts]
         if not any(drafts):  # nothing to verify: plain decoding's fixed-shape step
             last = torch.tensor([h[-1] for h in history], device=device)
             logits = target.step(last)[:, None]  # (B', 1, V)
             wrote = [0] * len(rows)
+            continue
+        if fused:  # n-gram drafts, verified in one graph
+            drafts, decided = _fused_round(round_fn, k, target, None, history, drafts, kr, pad_id)
+            wrote = [k] * len(rows)
             continue
         if compiled:
             logits = _verify_fixed(target, history, drafts, k, pad_id, device)
@@ -600,6 +670,46 @@ def speculative_decode(
         )
         logits = target.forward(block_ids, block_mask)  # (B', T, V)
         wrote = [len(d) for d in drafts]
+
+
+def _fused_round(fn, k: int, target: _Cached, drafter, history, given, kr: int, pad_id: int):
+    """One compiled greedy round (compiled_greedy_round) -> (each row's drafts, cut to kr, and
+    (runs, accepted) as `verify` gives them). drafter: the draft model's _Cached, and `given`
+    the rows' pending tokens (1 or 2 each, left-padded into the fixed block of 2); None: `given`
+    are n-gram drafts (0 to kr each, right-padded to k). Both caches advance by k + 1 slots
+    (the target: [last, d_1..d_k]; the draft model: the block of 2 and d_1..d_{k-1})."""
+    parts = [target] if drafter is None else [target, drafter]
+    for c in parts:
+        c.room(k + 1)
+    device = target.cache.valid.device
+    last = torch.tensor([[h[-1]] for h in history], device=device)
+    if drafter is None:
+        rows = [[*d, *[pad_id] * (k - len(d))] for d in given]
+        args = (last, None, None, torch.tensor(rows, device=device), target.cache, None)
+    else:
+        pend = torch.tensor([[pad_id] * (2 - len(p)) + p for p in given], device=device)
+        mask = torch.tensor([[False] * (2 - len(p)) + [True] * len(p) for p in given])
+        args = (last, pend, mask.to(device), None, target.cache, drafter.cache)
+    if all("round" in c._guarded for c in parts):  # as _Cached._call, over both caches
+        with skip_guards(target.model):
+            out = fn(*args).tolist()
+    else:
+        out = fn(*args).tolist()
+        for c in parts:
+            c._guarded.add("round")
+    for c in parts:
+        c.cache.advance_host(k + 1)
+    drafts, runs, accepted = [], [], []
+    for j, row in enumerate(out):
+        d = row[:kr] if drafter is not None else given[j]
+        best = row[k:]
+        a = 0
+        while a < len(d) and d[a] == best[a]:
+            a += 1
+        drafts.append(d)
+        runs.append([*d[:a], best[a]])
+        accepted.append(a)
+    return drafts, (runs, accepted)
 
 
 def _verify_fixed(target: _Cached, history, drafts, k: int, pad_id: int, device) -> torch.Tensor:

@@ -12,7 +12,9 @@ at the prompt plus a small chunk and doubles when full (an eager regrowth is one
 then the prompt plus the whole budget (rounded up to a multiple of 64, so calls share graphs)
 and finished rows are decoded along rather than dropped (a new batch size would recompile).
 The first call pays the compilation (about 20-40 s on a CPU, a few seconds once inductor's
-on-disk cache has it); it pays off for long outputs and on GPUs.
+on-disk cache has it); it pays off for long outputs and on GPUs. The prompt is prefilled by
+`prefill`: MiniMindForCausalLM.prefill_step compiled with the prompt length dynamic, one more
+graph that serves every length.
 
 Per-step overhead of the compiled step on a CPU, where a batch-1 step of a 26M model is ~5 ms:
 - inductor's C++ wrapper (`cpp_wrapper`): the graph's ~100 kernel and GEMM calls are made from
@@ -29,6 +31,7 @@ bench/RESULTS.md, "Why the code is shaped so").
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -44,6 +47,16 @@ def _round_up(n: int, k: int = CHUNK) -> int:
     return -(-n // k) * k
 
 
+def skip_guards(model: MiniMindForCausalLM):
+    """The context for a compiled call whose graph already ran on these inputs: guard
+    evaluation skipped (see the module docstring). Not for MoE models: their expert dispatch
+    breaks the graph on counts read on the host, and the code after the break meets new
+    counts that need graphs of their own (a skipped guard would refuse to compile them)."""
+    if getattr(model.config, "use_moe", False):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
 def compiled_step(model: MiniMindForCausalLM):
     """model.decode_step through torch.compile, made once per model and kept with it."""
     fn = _compiled.get(model)
@@ -55,6 +68,47 @@ def compiled_step(model: MiniMindForCausalLM):
         fn = torch.compile(model.decode_step, dynamic=False, options=options)
         _compiled[model] = fn
     return fn
+
+
+_prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prefill(
+    model: MiniMindForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, cache: StaticKVCache
+) -> torch.Tensor:
+    """The prompt ids (B, T) (mask: left padding, None for none) through
+    `model.prefill_step` compiled with T dynamic, so one graph serves every prompt length
+    (made once per model; a new batch size or cache capacity compiles another) -> the last
+    column's logits (B, V), the cache advanced by T slots. A one-token prompt goes eager (a
+    dimension of size 1 is always specialised).
+
+    Why: the eager prefill of a 30-token chat prompt spends about a quarter of its time
+    outside the matmuls (norms, rotary, attention, dispatch), which inductor fuses; see
+    bench/RESULTS.md, "bench/decode.py"."""
+    t = ids.shape[1]
+    if cache.length + t > cache.max_len:
+        raise ValueError(f"KV cache overflow: {cache.length} cached + {t} new > {cache.max_len}")
+    if t < 2:
+        return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    fn = _prefills.get(model)
+    if fn is None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        options = {"cpp_wrapper": True} if on_cpu else None
+        fn = _prefills[model] = torch.compile(model.prefill_step, options=options)
+    # fresh copies, made in the caller's (inference) mode: the dynamic marks stay off the
+    # caller's tensors, and a mask built here or given never differs in its dispatch keys
+    # (an inference tensor against a normal one would recompile)
+    if mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        cache.has_padding = cache.has_padding or not bool(mask.all())
+        mask = mask.clone()
+    ids = ids.clone()
+    torch._dynamo.mark_dynamic(ids, 1)
+    torch._dynamo.mark_dynamic(mask, 1)
+    logits = fn(ids, cache, mask)
+    cache.advance_host(t)
+    return logits
 
 
 class Stepper:
@@ -86,6 +140,8 @@ class Stepper:
         self._guarded = False  # compiled: has a step run with full guard evaluation yet
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.compile:
+            return prefill(self.model, ids, mask, self.cache)
         return self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=1).logits[
             :, -1
         ]
@@ -95,7 +151,7 @@ class Stepper:
             self._grow()
         cache = self.cache
         if self.compile and self._guarded:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            with skip_guards(self.model):
                 logits = self._step(tok[:, None], cache)
         else:
             logits = self._step(tok[:, None], cache)

@@ -217,6 +217,17 @@ class MiniMindForCausalLM(nn.Module):
             mask = torch.ones_like(input_ids, dtype=torch.bool)
         return self.lm_head(self.model.verify_static(input_ids, mask, cache))
 
+    def prefill_step(
+        self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A prompt as one block step over the StaticKVCache: input_ids (B, T), mask (B, T)
+        bool (left padding) -> the last column's logits (B, V). verify_step's forward with the
+        head on one column, so that torch.compile can capture prompts of every length T in one
+        graph (T dynamic; minimind.infer.steps.prefill). Same caller duties as verify_step."""
+        if mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return self.lm_head(self.model.verify_static(input_ids, mask, cache)[:, -1])
+
     # --- conveniences --------------------------------------------------------------------
     def new_cache(
         self,
