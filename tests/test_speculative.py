@@ -292,15 +292,8 @@ def test_compiled_greedy_rounds_run_as_one_graph_each(target, draft, monkeypatch
     for min_new in (0, 8):
         calls.clear()
         want = generate(target, [prompt], min_new_tokens=min_new, **kw)[0]
-        got = generate(
-            target,
-            [prompt],
-            min_new_tokens=min_new,
-            draft=draft,
-            num_draft_tokens=3,
-            compile=True,
-            **kw,
-        )[0]
+        spec = dict(draft=draft, num_draft_tokens=3, compile=True)
+        got = generate(target, [prompt], min_new_tokens=min_new, **spec, **kw)[0]
         assert got == want and got.finish_reason == want.finish_reason and not calls
         # compiled forwards against eager ones: equal up to float reassociation
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
