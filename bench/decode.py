@@ -471,8 +471,7 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
                 "median_tokens_per_s": tokens / statistics.median(t),
                 "best_ms": min(t) * 1e3,
                 # after each prompt's first token (the prefill's, timed apart): the decode rate
-                "decode_tokens_per_s": (tokens - len(plain))
-                / max(min(t) - min(own_prefill), 1e-9),
+                "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(own_prefill), 1e-9),
                 "same_as_plain": [list(r) for r in replies] == plain,
                 "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else None,
                 "tokens_per_target_forward": (

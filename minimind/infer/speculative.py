@@ -523,9 +523,7 @@ def speculative_decode(
     )
     # compiled greedy rounds without per-position processing run as one graph (drafting and
     # verifying, token ids out); min_new_tokens and log-probs take the per-forward graphs
-    fused = (
-        compiled and rule.greedy and cfg.min_new_tokens == 0 and not cfg.logprobs and k > 0
-    )
+    fused = compiled and rule.greedy and cfg.min_new_tokens == 0 and not cfg.logprobs and k > 0
     round_fn = compiled_greedy_round(model, drafter and drafter.model, k) if fused else None
 
     def draft_pending(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
