@@ -89,7 +89,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.model.cache import StaticKVCache
 
 from .sampling import apply_temperature, top_k_filter, top_p_filter
-from .steps import compiled_step, prefill, skip_guards
+from .steps import compile_for, compiled_step, prefill, skip_guards
 
 NGRAM = "ngram"
 K_START, K_MIN, K_MAX = 4, 1, 16
@@ -256,10 +256,7 @@ def compiled_verify(model: MiniMindForCausalLM):
     width T, i.e. per k), with the options of steps.compiled_step."""
     fn = _verifiers.get(model)
     if fn is None:
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        options = {"cpp_wrapper": True} if on_cpu else None
-        fn = torch.compile(model.verify_step, dynamic=False, options=options)
-        _verifiers[model] = fn
+        fn = _verifiers[model] = compile_for(model, model.verify_step)
     return fn
 
 
@@ -292,9 +289,7 @@ def compiled_greedy_round(target: MiniMindForCausalLM, draft, k: int):
         best = target.verify_step(torch.cat([last, drafts], 1), target_cache).argmax(-1)
         return torch.cat([drafts, best], 1)
 
-    on_cpu = next(target.parameters()).device.type == "cpu"
-    options = {"cpp_wrapper": True} if on_cpu else None
-    fn = per[(k, draft)] = torch.compile(greedy_round, dynamic=False, options=options)
+    fn = per[(k, draft)] = compile_for(target, greedy_round)
     return fn
 
 

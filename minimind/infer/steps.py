@@ -57,16 +57,21 @@ def skip_guards(model: MiniMindForCausalLM):
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
+def compile_for(model: MiniMindForCausalLM, fn, dynamic: bool | None = False):
+    """torch.compile(fn) with the options of every decoding graph here: inductor's C++
+    wrapper on a CPU (module docstring). fullgraph=False: an MoE layer's grouped dispatch
+    reads expert counts on the host (a graph break, still correct); dense models compile to
+    one graph."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    options = {"cpp_wrapper": True} if on_cpu else None
+    return torch.compile(fn, dynamic=dynamic, options=options)
+
+
 def compiled_step(model: MiniMindForCausalLM):
     """model.decode_step through torch.compile, made once per model and kept with it."""
     fn = _compiled.get(model)
     if fn is None:
-        # fullgraph=False: an MoE layer's grouped dispatch reads expert counts on the host
-        # (a graph break, still correct); dense models compile to one graph.
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        options = {"cpp_wrapper": True} if on_cpu else None
-        fn = torch.compile(model.decode_step, dynamic=False, options=options)
-        _compiled[model] = fn
+        fn = _compiled[model] = compile_for(model, model.decode_step)
     return fn
 
 
@@ -91,10 +96,8 @@ def prefill(
     if t < 2:
         return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
     fn = _prefills.get(model)
-    if fn is None:
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        options = {"cpp_wrapper": True} if on_cpu else None
-        fn = _prefills[model] = torch.compile(model.prefill_step, options=options)
+    if fn is None:  # dynamic=None: only the dimensions marked below are dynamic
+        fn = _prefills[model] = compile_for(model, model.prefill_step, dynamic=None)
     # fresh copies, made in the caller's (inference) mode: the dynamic marks stay off the
     # caller's tensors, and a mask built here or given never differs in its dispatch keys
     # (an inference tensor against a normal one would recompile)
