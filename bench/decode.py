@@ -45,8 +45,7 @@ are reported, and every side's replies are checked against plain greedy's. "pref
 sides (one token per prompt; eager, and compiled, since compile=True prefills through a
 compiled graph too) take their turns too, so the decode rate after the prefill is reported
 apart (each side less its own kind of prefill): the demo's replies are short, and no drafter
-speeds up the prefill. JSON
-default: bench/results/decode_speculative.json.
+speeds up the prefill. JSON default: bench/results/decode_speculative.json.
 Run `python bench/decode.py --help`.
 """
 
@@ -365,6 +364,12 @@ def spec_prompts(tokenizer, data: Path, n: int) -> dict[str, list[list[int]]]:
     return {"chat": chat, "repeat": repeat}
 
 
+def decode_rate(decoded: int, t: list[float], t_prefill: list[float]) -> float:
+    """Tokens/s of the `decoded` tokens after each prompt's first: the best timed call less
+    the best prefill-only call."""
+    return decoded / max(min(t) - min(t_prefill), 1e-9)
+
+
 def bench_speculative(args, llama_cpp: str | None) -> dict:
     """Plain vs speculative greedy decoding of a trained target over both prompt sets, with
     transformers' `generate` (default cache) on the target's twin and llama.cpp on its GGUF
@@ -445,6 +450,7 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
         times = alternate(fns, 1, args.repeats, "cpu")
         plain = [list(r) for r in out[set_name]["plain"]]
         tokens = sum(len(r) for r in plain)
+        decoded = tokens - len(plain)  # after each prompt's first token (the prefill's)
         prefill = times.pop("prefill only")
         prefill_compiled = times.pop("prefill only compiled", prefill)
         references = {}  # side: (seconds per call, seconds per prefill-only call)
@@ -470,8 +476,7 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
                 "tokens_per_s": tokens / min(t),
                 "median_tokens_per_s": tokens / statistics.median(t),
                 "best_ms": min(t) * 1e3,
-                # after each prompt's first token (the prefill's, timed apart): the decode rate
-                "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(own_prefill), 1e-9),
+                "decode_tokens_per_s": decode_rate(decoded, t, own_prefill),
                 "same_as_plain": [list(r) for r in replies] == plain,
                 "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else None,
                 "tokens_per_target_forward": (
@@ -491,7 +496,7 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
                 "median_tokens_per_s": tokens / statistics.median(t),
                 "best_ms": min(t) * 1e3,
                 "prefill_best_ms": min(t_prefill) * 1e3,
-                "decode_tokens_per_s": (tokens - len(plain)) / max(min(t) - min(t_prefill), 1e-9),
+                "decode_tokens_per_s": decode_rate(decoded, t, t_prefill),
                 "replies_same_as_plain": sum(a == b for a, b in zip(replies, plain)),
             }
             for side in sides:
