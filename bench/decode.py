@@ -28,7 +28,8 @@ bench/results/decode.json). A benchmark, not a test: it never asserts a speed.
 `--spec-target CKPT` switches to speculative decoding (minimind/infer/speculative.py), which
 needs a trained model (random weights make drafts worthless): greedy chat replies at batch 1,
 stopping at eos, from the target plain (eager, and compiled unless --no-compile), with n-gram
-drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer) drafting; unless
+drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer, loaded as `minimind chat
+--draft` loads it: int8 weights on a CPU unless --spec-draft-dtype) drafting; unless
 --no-compile, both drafters also run compiled (`generate(draft=..., compile=True)`: a fixed k =
 --spec-compile-k, since an adapted k would recompile; default 2: on a CPU in fp32 a
 verification of 3 columns costs about one decode step and one of 4 about 1.6x: an fp32
@@ -71,6 +72,7 @@ from model import alternate, compile_hf, device_name, hf_generate, llama_twin
 from report import write_report  # bench/report.py, beside this file
 
 from minimind.infer import generate
+from minimind.infer.speculative import DRAFT_DTYPES
 from minimind.model import MiniMindForCausalLM, preset
 from minimind.tokenizer import train_tokenizer
 
@@ -96,6 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg("--llamacpp-worker", type=Path, help=argparse.SUPPRESS)  # a GGUF: the child process
     arg("--spec-target", type=Path, help="speculative mode: the target checkpoint (trained)")
     arg("--spec-draft", type=Path, help="speculative mode: a draft checkpoint, same tokenizer")
+    arg(
+        "--spec-draft-dtype",
+        default=None,
+        choices=DRAFT_DTYPES,
+        help="the draft model's weights, as `minimind chat --draft_dtype` (default: int8 on a CPU)",
+    )
     arg("--spec-data", type=Path, help="speculative mode: chat jsonl the prompts come from")
     arg("--spec-prompts", type=int, default=8, help="speculative mode: prompts per set")
     arg("--spec-k", type=int, default=None, help="draft tokens per round (default: adaptive)")
@@ -376,24 +384,26 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
     exports as references: each generates as many tokens per prompt as plain greedy's reply."""
     from minimind.infer.chat import stop_ids
     from minimind.infer.load import load_model
+    from minimind.infer.speculative import load_draft
 
     target = load_model(args.spec_target, device="cpu", dtype="float32")
-    draft = None
-    if args.spec_draft is not None:
-        draft = load_model(args.spec_draft, device="cpu", dtype="float32")
-        if draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
-            raise SystemExit(f"--spec-draft {args.spec_draft}: not the target's tokenizer")
+    draft, draft_text = None, None
+    if args.spec_draft is not None:  # as `minimind chat --draft` loads it
+        try:
+            draft, draft_text = load_draft(str(args.spec_draft), target, args.spec_draft_dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--spec-draft: {e}") from None
     stops = stop_ids(target.tokenizer, target.model)
     sets = spec_prompts(target.tokenizer, args.spec_data, args.spec_prompts)
     drafters: dict[str, object] = {"plain": None, "ngram": "ngram"}
     if draft is not None:
-        drafters["draft model"] = draft.model
+        drafters["draft model"] = draft
     if not args.no_compile:
         # compiled speculation verifies k + 1 columns in one fixed-shape step: k is fixed
         drafters["plain compiled"] = None
         drafters["ngram compiled"] = "ngram"
         if draft is not None:
-            drafters["draft model compiled"] = draft.model
+            drafters["draft model compiled"] = draft
     drafters["prefill only"] = None  # max_new_tokens=1: the share no drafter can speed up
     if not args.no_compile:  # compile=True prefills through a compiled graph too
         drafters["prefill only compiled"] = None
@@ -516,9 +526,7 @@ def bench_speculative(args, llama_cpp: str | None) -> dict:
     tmp.cleanup()
     return {
         "target": f"{args.spec_target} ({target.model.num_parameters() / 1e6:.2f}M)",
-        "draft": None
-        if draft is None
-        else f"{args.spec_draft} ({draft.model.num_parameters() / 1e6:.2f}M)",
+        "draft": draft_text,
         "sets": report,
     }
 

@@ -377,12 +377,17 @@ def test_chat_draft_flags(tmp_path, capsys):
     assert chat_main(base) == 0
     plain = capsys.readouterr().out.split("[Speed]")[0]
     speed = re.compile(r"\[Draft\]: acceptance \d+% \(\d+/\d+ drafted\), [\d.]+ tokens per ")
-    for flags in (["--draft", "ngram"], ["--draft", str(draft), "--draft_k", "2"]):
+    drafts = {  # flags: how the draft is described (a model: int8 by default on a CPU)
+        ("--draft", "ngram"): "n-gram prompt lookup",
+        ("--draft", str(draft), "--draft_k", "2"): "int8 weights, bf16 activations, cpu)",
+        ("--draft", str(draft), "--draft_dtype", "fp32"): "parameters, float32, cpu)",
+    }
+    for flags, described in drafts.items():
         assert chat_main([*base, *flags]) == 0
         out = capsys.readouterr()
         assert out.out.split("[Speed]")[0] == plain  # greedy: the same reply
         assert speed.search(out.out), out.out
-        assert "speculative decoding, draft:" in out.err
+        assert "speculative decoding, draft:" in out.err and described in out.err, out.err
     # a draft with another tokenizer is refused, naming both
     torch.manual_seed(0)
     other_tok = make_tokenizer(tmp_path / "o")  # same recipe, so change the vocabulary
@@ -399,6 +404,9 @@ def test_chat_draft_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         chat_main([*base, "--draft_k", "3"])
     assert "--draft_k needs --draft" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        chat_main([*base, "--draft", "ngram", "--draft_dtype", "int8"])
+    assert "--draft_dtype needs --draft PATH" in capsys.readouterr().err
 
 
 # --- bench/decode.py's speculative mode -------------------------------------------------------

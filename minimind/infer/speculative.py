@@ -170,16 +170,29 @@ def check_draft(target: MiniMindForCausalLM, draft) -> None:
         raise ValueError(f"the draft model is on {dd}, the target on {td}: put both on one")
 
 
-def load_draft(spec: str, target) -> tuple[str | torch.nn.Module, str]:
+DRAFT_DTYPES = ("int8", "fp32", "bf16", "fp16")  # --draft_dtype's choices
+
+
+def load_draft(spec: str, target, dtype: str | None = None) -> tuple[str | torch.nn.Module, str]:
     """`--draft PATH|ngram` of `minimind chat` and `minimind serve` -> (the draft: 'ngram' or a
-    model, a description). A draft model is loaded beside `target` (a load.LoadedModel: same
-    device and dtype) and must have the target's tokenizer; another vocabulary is refused
-    naming both."""
+    model, a description). A draft model is loaded on the target's device (`target`: a
+    load.LoadedModel) and must have the target's tokenizer; another vocabulary is refused
+    naming both. dtype (--draft_dtype): "int8" (weight-only, minimind.model.quant: the default
+    on a CPU, where a draft step then costs about half of fp32's) or a float dtype (default
+    elsewhere: the target's). A draft's precision changes what it proposes, never the output."""
     if spec == NGRAM:
         return spec, "n-gram prompt lookup"
-    from .load import load_model  # load imports the model stack; only a draft model needs it
+    from minimind.model.quant import quantize_int8
 
-    draft = load_model(spec, device=target.device, dtype=next(target.model.parameters()).dtype)
+    from .load import DTYPES, load_model  # load imports the model stack; only a model needs it
+
+    if dtype is None:
+        dtype = "int8" if target.device.type == "cpu" else None
+    elif dtype not in DRAFT_DTYPES:
+        raise ValueError(f"--draft_dtype must be one of {', '.join(DRAFT_DTYPES)}, got {dtype!r}")
+    # int8 is quantized from fp32 weights; None: the target's dtype
+    load_dtype = next(target.model.parameters()).dtype if dtype is None else DTYPES.get(dtype)
+    draft = load_model(spec, device=target.device, dtype=load_dtype or torch.float32)
     ours, theirs = target.tokenizer.backend, draft.tokenizer.backend
     if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
         raise ValueError(
@@ -188,7 +201,11 @@ def load_draft(spec: str, target) -> tuple[str | torch.nn.Module, str]:
             f"{target.path}); a draft model must share the model's vocabulary"
         )
     check_draft(target.model, draft.model)  # the model configs' vocabularies
-    return draft.model, draft.describe()
+    if dtype != "int8":
+        return draft.model, draft.describe()
+    n = draft.model.num_parameters() / 1e6
+    text = f"{draft.name} ({draft.kind}, {n:.2f}M parameters, int8 weights, bf16 activations, "
+    return quantize_int8(draft.model), f"{text}{draft.device})"
 
 
 def check_config(cfg) -> None:

@@ -206,6 +206,9 @@ class InputGroup(nn.Module):
     def project(self, x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, ...]:
         """x (..., C) -> each Linear's output (..., out_i), in GROUP order."""
         linears = self._linears()
+        packed = getattr(self, "packed", None)  # the group as one int8 matmul (model.quant)
+        if packed is not None:
+            return packed(x).split([lin.out_features for lin in linears], dim=-1)
         if self._plain(linears):
             sizes = [lin.out_features for lin in linears]
             if torch.is_grad_enabled():
