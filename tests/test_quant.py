@@ -7,8 +7,6 @@ target's distribution, and `--draft_dtype` loads it."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -17,7 +15,7 @@ from minimind.infer import GenerationConfig, generate
 from minimind.model import MiniMindForCausalLM, preset
 from minimind.model.layers import InputGroup
 from minimind.model.quant import PACK_ROWS, Int8Linear, quantize_int8
-from tests.test_speculative import homogeneity, random_model, trained_pair
+from tests.test_speculative import homogeneity, perturbed_pair, trained_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,12 +132,7 @@ def test_sampling_with_an_int8_draft_follows_the_targets_distribution():
     """As test_speculative's chi-square test: a bf16 int8 draft of a perturbed float64 target
     (its probabilities q are the draft's own) leaves every position's token distributed as
     plain sampling gives it."""
-    target = random_model(0, vocab_size=24, initializer_range=0.3)
-    other = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        noise = torch.randn(other.lm_head.weight.shape, generator=g, dtype=torch.float64)
-        other.lm_head.weight += 0.15 * noise
+    target, other = perturbed_pair()
     small = quantize_int8(other)
     prompt = [[3, 4, 5, 3, 4]] * 2000
     cfg = GenerationConfig(max_new_tokens=4, temperature=0.9, top_k=16, stop_token_ids=())

@@ -316,18 +316,25 @@ def homogeneity(a: list[list[int]], b: list[list[int]], position: int) -> float:
     return chi2_contingency(torch.tensor(cells).T.numpy())[1]
 
 
-def test_sampled_tokens_follow_the_targets_distribution():
-    """2,000 seeded rows of 4 tokens: the token at every position has the same distribution
-    with a draft model that half agrees with the target (its head perturbed: about half the
-    drafts accepted) or with n-gram drafts as with plain sampling (p > 0.001); the draft
-    model's own samples fail the same test against the target's (p < 1e-6), so the test sees
-    a distribution as wrong as an always-accepting rule would give."""
+def perturbed_pair():
+    """A float64 random target of 24 ids and its copy with the head perturbed (a draft that
+    agrees with it about half the time at temperature 0.9)."""
     target = random_model(0, vocab_size=24, initializer_range=0.3)
     other = copy.deepcopy(target)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         noise = torch.randn(other.lm_head.weight.shape, generator=g, dtype=torch.float64)
         other.lm_head.weight += 0.15 * noise
+    return target, other
+
+
+def test_sampled_tokens_follow_the_targets_distribution():
+    """2,000 seeded rows of 4 tokens: the token at every position has the same distribution
+    with a draft model that half agrees with the target (its head perturbed: about half the
+    drafts accepted) or with n-gram drafts as with plain sampling (p > 0.001); the draft
+    model's own samples fail the same test against the target's (p < 1e-6), so the test sees
+    a distribution as wrong as an always-accepting rule would give."""
+    target, other = perturbed_pair()
     prompt = [[3, 4, 5, 3, 4]] * 2000  # repeats: the n-gram drafter proposes
     cfg = GenerationConfig(max_new_tokens=4, temperature=0.9, top_k=16, stop_token_ids=())
     plain = generate(target, prompt, cfg, seed=0)
