@@ -7,14 +7,68 @@ D head_dim, C hidden size. Mixture-of-experts lives in moe.py, the KV cache in c
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .cache import LayerCache
 from .config import ModelConfig
+
+
+def _blas_slow_for_few_rows() -> bool:
+    """Whether compiled CPU graphs write matmuls of few rows as reductions (`linear`):
+    MINIMIND_CPU_FEW_ROWS=reduce|blas, else by CPU vendor: yes on AMD. The torch CPU wheel's
+    BLAS is MKL, which on an AMD CPU spends about M GEMVs' time on an M-row matmul and reads
+    a weight at a fraction of the bandwidth inductor's own reduction loop reaches (on this
+    project's AMD EPYC: a minimind2-small decode step 6.6 -> 2.2 ms compiled, a 3-column
+    verification 11.7 -> 4.4 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's
+    matmul measured best (the same section), so it stays."""
+    choice = os.environ.get("MINIMIND_CPU_FEW_ROWS", "").strip().lower()
+    if choice in ("reduce", "blas"):
+        return choice == "reduce"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "AMD" in line for line in f)
+    except OSError:
+        return False
+
+
+# The most rows (batch x new tokens, known when the graph is made) that `linear` writes as
+# reductions: decode steps and verifications of up to 3 drafts; prefills and training keep BLAS.
+FEW_ROWS = 4
+REDUCE_FEW_ROWS = _blas_slow_for_few_rows()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias): x (..., in), weight (out, in) -> (..., out).
+
+    In a CPU graph being compiled with at most FEW_ROWS rows, where REDUCE_FEW_ROWS: each row
+    as its own sum of weight * row over `in`, which inductor turns into one vectorised pass
+    over the weight per row (rather than a BLAS call; see _blas_slow_for_few_rows). The same
+    products, summed in another order: results differ from F.linear by float rounding."""
+    if REDUCE_FEW_ROWS and x.device.type == "cpu" and torch.compiler.is_compiling():
+        rows = math.prod(x.shape[:-1])
+        # statically known: never a guard on a dynamic row count (a prefill's), which stays BLAS
+        if statically_known_true(rows <= FEW_ROWS) and statically_known_true(rows >= 1):
+            flat = x.reshape(rows, x.shape[-1])
+            if rows == 1:  # (out, 1, in) summed over in: a decode step ~10% faster than below
+                y = (weight[:, None] * flat[None]).sum(-1).t()
+            else:
+                y = torch.stack([(weight * flat[r]).sum(-1) for r in range(rows)])
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), through `linear` for a bias-free nn.Linear (LoRA, int8 and other wrappers
+    run their own forward)."""
+    if type(module) is nn.Linear and module.bias is None:
+        return linear(x, module.weight)
+    return module(x)
 
 
 class RMSNorm(nn.Module):
@@ -214,12 +268,12 @@ class InputGroup(nn.Module):
             if torch.is_grad_enabled():
                 if self.CONCAT_WITH_GRAD:
                     weight = torch.cat([lin.weight for lin in linears])
-                    return F.linear(x, weight).split(sizes, dim=-1)
+                    return linear(x, weight).split(sizes, dim=-1)
             elif self._fused_weight is not None and (
                 trusted or (not torch.compiler.is_compiling() and self.fused_intact())
             ):
-                return F.linear(x, self._fused_weight).split(sizes, dim=-1)
-        return tuple(lin(x) for lin in linears)
+                return linear(x, self._fused_weight).split(sizes, dim=-1)
+        return tuple(apply_linear(lin, x) for lin in linears)
 
 
 class Attention(InputGroup):
@@ -283,7 +337,7 @@ class Attention(InputGroup):
             enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.o_proj(y))
+        return self.resid_dropout(apply_linear(self.o_proj, y))
 
 
 class SwiGLU(InputGroup):
@@ -300,4 +354,4 @@ class SwiGLU(InputGroup):
 
     def forward(self, x: torch.Tensor, trusted: bool = False) -> torch.Tensor:
         gate, up = self.project(x, trusted)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+        return self.dropout(apply_linear(self.down_proj, F.silu(gate) * up))

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache, LayerCache, StaticKVCache
 from .config import ModelConfig
-from .layers import Attention, InputGroup, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import Attention, InputGroup, RMSNorm, RotaryEmbedding, SwiGLU, apply_linear
 from .moe import MoEFeedForward
 
 
@@ -199,12 +199,12 @@ class MiniMindForCausalLM(nn.Module):
             h = hidden.flatten(0, 1).index_select(0, logits_at)
         else:
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return CausalLMOutput(self.lm_head(h), aux, hidden)
+        return CausalLMOutput(apply_linear(self.lm_head, h), aux, hidden)
 
     def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """input_ids (B, 1) -> next-token logits (B, V), with fixed shapes (see decode_static).
         The caller then calls `cache.advance_host()`; minimind.infer.steps wraps both."""
-        return self.lm_head(self.model.decode_static(input_ids, cache)[:, -1])
+        return apply_linear(self.lm_head, self.model.decode_static(input_ids, cache)[:, -1])
 
     def verify_step(
         self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None
@@ -215,7 +215,7 @@ class MiniMindForCausalLM(nn.Module):
         `cache.advance_host(T)` and rolls rejected columns back (`cache.rollback`)."""
         if mask is None:
             mask = torch.ones_like(input_ids, dtype=torch.bool)
-        return self.lm_head(self.model.verify_static(input_ids, mask, cache))
+        return apply_linear(self.lm_head, self.model.verify_static(input_ids, mask, cache))
 
     def prefill_step(
         self, input_ids: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor | None = None
@@ -226,7 +226,7 @@ class MiniMindForCausalLM(nn.Module):
         graph (T dynamic; minimind.infer.steps.prefill). Same caller duties as verify_step."""
         if mask is None:
             mask = torch.ones_like(input_ids, dtype=torch.bool)
-        return self.lm_head(self.model.verify_static(input_ids, mask, cache)[:, -1])
+        return apply_linear(self.lm_head, self.model.verify_static(input_ids, mask, cache)[:, -1])
 
     # --- conveniences --------------------------------------------------------------------
     def new_cache(
