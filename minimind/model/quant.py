@@ -4,7 +4,7 @@ What it is for: a speculative draft model (minimind.infer.speculative). A draft'
 changes only which tokens it proposes, never the output, since the target verifies every token
 (greedy output stays plain greedy's; sampled output keeps the target's distribution). Batch-1
 decoding reads every weight once per token, so a draft whose weights are a quarter of fp32's
-bytes drafts faster: on this project's CPU a minimind2-small step takes about 0.45x the fp32
+bytes drafts faster: on this project's Intel Xeon a minimind2-small step takes about 0.45x the fp32
 step's time, and its greedy tokens agreed with fp32's (bench/RESULTS.md, "bench/decode.py").
 
 Scheme: symmetric, per output channel: W (out, in) ~= Q * s[:, None], Q int8 in [-127, 127],
