@@ -1,8 +1,9 @@
-"""layers.linear: in a CPU graph being compiled, a matmul of at most FEW_ROWS rows is traced as
-per-row reductions where REDUCE_FEW_ROWS (an AMD CPU, or MINIMIND_CPU_FEW_ROWS=reduce), with
-F.linear's values; more rows, dynamic row counts and eager calls keep F.linear; and compiled
-decoding (steps, and a speculative verification of 3 columns) gives eager greedy's tokens with
-the choice either way."""
+"""layers.linear where AVOID_MKL (an AMD CPU, or MINIMIND_CPU_MATMUL=bypass): in a CPU graph
+being compiled, a matmul of at most FEW_ROWS rows is traced as per-row reductions, with
+F.linear's values, while more rows and dynamic row counts keep F.linear; eager float32 calls
+without autograd run oneDNN's matmul, with F.linear's values, and calls with autograd run
+F.linear itself; and decoding, eager and compiled (steps, and a speculative verification of 3
+columns), gives the same greedy tokens with the choice either way."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def traced_ops(fn, *args, dynamic=False):
 
 @pytest.mark.parametrize("reduce", [True, False])
 def test_few_rows_are_traced_as_reductions_with_linears_values(monkeypatch, reduce):
-    monkeypatch.setattr(layers, "REDUCE_FEW_ROWS", reduce)
+    monkeypatch.setattr(layers, "AVOID_MKL", reduce)
     torch.manual_seed(0)
     weight = torch.randn(96, 48)
     for rows in range(1, layers.FEW_ROWS + 2):
@@ -41,9 +42,8 @@ def test_few_rows_are_traced_as_reductions_with_linears_values(monkeypatch, redu
         assert (F.linear in ops) == (not reduce or rows > layers.FEW_ROWS), (rows, ops)
         assert y.shape == (1, rows, 96)
         torch.testing.assert_close(y, F.linear(x, weight), atol=1e-5, rtol=1e-5)
-    # eager, and a row count that is symbolic in the graph: F.linear
+    # a row count that is symbolic in the graph: F.linear
     x = torch.randn(3, 48)
-    assert torch.equal(layers.linear(x, weight), F.linear(x, weight))
     torch._dynamo.reset()
     torch._dynamo.mark_dynamic(x, 0)
     ops, y = traced_ops(layers.linear, x, weight, dynamic=None)
@@ -51,28 +51,51 @@ def test_few_rows_are_traced_as_reductions_with_linears_values(monkeypatch, redu
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("avoid", [True, False])
+def test_eager_calls_without_autograd_have_linears_values(monkeypatch, avoid):
+    monkeypatch.setattr(layers, "AVOID_MKL", avoid)
+    torch.manual_seed(0)
+    weight = torch.randn(96, 48, requires_grad=True)
+    for x in (torch.randn(1, 48), torch.randn(2, 8, 48), torch.randn(40, 60)[:, 6:54]):
+        with torch.no_grad():
+            want = F.linear(x, weight)
+            torch.testing.assert_close(layers.linear(x, weight), want, atol=1e-5, rtol=1e-5)
+        with torch.inference_mode():
+            torch.testing.assert_close(layers.linear(x, weight), want, atol=1e-5, rtol=1e-5)
+        y = layers.linear(x, weight)  # autograd on: F.linear, exactly, with its gradient
+        assert torch.equal(y, F.linear(x, weight)) and y.requires_grad
+    with torch.no_grad():  # other dtypes and empty inputs: F.linear
+        x = torch.randn(3, 48).bfloat16()
+        assert torch.equal(layers.linear(x, weight.bfloat16()), F.linear(x, weight.bfloat16()))
+        assert layers.linear(torch.empty(0, 48), weight).shape == (0, 96)
+
+
 def test_the_choice_follows_the_environment(monkeypatch):
-    for value, want in (("reduce", True), ("blas", False), (" Reduce ", True)):
-        monkeypatch.setenv("MINIMIND_CPU_FEW_ROWS", value)
-        assert layers._blas_slow_for_few_rows() is want
-    monkeypatch.delenv("MINIMIND_CPU_FEW_ROWS")
+    for value, want in (("bypass", True), ("mkl", False), (" Bypass ", True)):
+        monkeypatch.setenv("MINIMIND_CPU_MATMUL", value)
+        assert layers._avoid_mkl() is want
+    monkeypatch.delenv("MINIMIND_CPU_MATMUL")
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
         amd = any(line.startswith("vendor_id") and "AMD" in line for line in f)
-    assert layers._blas_slow_for_few_rows() is amd
+    assert layers._avoid_mkl() is amd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduce", [True, False])
-def test_compiled_decoding_equals_eager_either_way(monkeypatch, reduce):
-    """Inductor's code for both forms: compiled steps (batch 3 and 1) and compiled n-gram
-    speculation with 2 drafts (3-column verifications) give eager plain greedy's tokens."""
-    monkeypatch.setattr(layers, "REDUCE_FEW_ROWS", reduce)
-    torch._dynamo.reset()
+def test_decoding_equals_eager_either_way(monkeypatch):
+    """Compiled steps (batch 3 and 1) and compiled n-gram speculation with 2 drafts
+    (3-column verifications) with reductions or not, and eager decoding with oneDNN, give the
+    tokens of eager decoding with F.linear."""
     model = wide_model().eval()
     kw = dict(max_new_tokens=20, temperature=0, stop_token_ids=())
-    for prompts in (PROMPTS, PROMPTS[:1]):
-        assert generate(model, prompts, **kw, compile=True) == generate(model, prompts, **kw)
     repeats = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
-    spec = generate(model, repeats, **kw, compile=True, draft="ngram", num_draft_tokens=2)
-    assert spec == generate(model, repeats, **kw)
+    monkeypatch.setattr(layers, "AVOID_MKL", False)
+    want = {i: generate(model, p, **kw) for i, p in enumerate((PROMPTS, PROMPTS[:1], repeats))}
+    for avoid in (True, False):
+        monkeypatch.setattr(layers, "AVOID_MKL", avoid)
+        torch._dynamo.reset()
+        for i, prompts in enumerate((PROMPTS, PROMPTS[:1])):
+            assert generate(model, prompts, **kw, compile=True) == want[i], (avoid, i)
+            assert generate(model, prompts, **kw) == want[i], (avoid, i)
+        spec = generate(model, repeats, **kw, compile=True, draft="ngram", num_draft_tokens=2)
+        assert spec == want[2], avoid
     torch._dynamo.reset()

@@ -92,14 +92,18 @@ def test_compiled_step_is_captured_once_and_exact():
 
 
 @pytest.mark.slow
-def test_compiled_prefill_serves_every_prompt_length_with_one_graph():
+@pytest.mark.parametrize("avoid_mkl", [False, True])
+def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch, avoid_mkl):
     """steps.prefill (compile=True's prefill: a block step with the prompt length dynamic)
     gives the eager prefill's last logits and cache state, for left-padded batches and for
     prompts of many lengths, which after the first compile add no graph; a one-token prompt
-    goes eager."""
+    goes eager, and so does every prompt where layers.AVOID_MKL (no graph at all)."""
     from minimind.infer.steps import prefill
+    from minimind.model import layers
 
+    monkeypatch.setattr(layers, "AVOID_MKL", avoid_mkl)
     torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model = build("dense")
     vocab = model.config.vocab_size
 
@@ -119,6 +123,7 @@ def test_compiled_prefill_serves_every_prompt_length_with_one_graph():
 
     both(*prompts_batch(3, 12, vocab))  # left padding
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert (graphs > before) is not avoid_mkl
     for t in (2, 5, 9, 17):
         both(torch.randint(3, vocab, (3, t)), None)
         both(*prompts_batch(3, t + 7, vocab))

@@ -36,7 +36,7 @@ import weakref
 
 import torch
 
-from minimind.model import MiniMindForCausalLM
+from minimind.model import MiniMindForCausalLM, layers
 from minimind.model.cache import StaticKVCache
 
 CHUNK = 64  # capacity granularity (slots)
@@ -85,7 +85,10 @@ def prefill(
     `model.prefill_step` compiled with T dynamic, so one graph serves every prompt length
     (made once per model; a new batch size or cache capacity compiles another) -> the last
     column's logits (B, V), the cache advanced by T slots. A one-token prompt goes eager (a
-    dimension of size 1 is always specialised).
+    dimension of size 1 is always specialised), and so does every prompt on a CPU where
+    layers.AVOID_MKL: there the eager matmuls are oneDNN's, which inductor cannot lower for a
+    dynamic length, and the eager prefill measured faster than the compiled one's MKL calls
+    (bench/RESULTS.md, "bench/decode.py").
 
     Why: the eager prefill of a 30-token chat prompt spends about a quarter of its time
     outside the matmuls (norms, rotary, attention, dispatch), which inductor fuses; see
@@ -93,7 +96,7 @@ def prefill(
     t = ids.shape[1]
     if cache.length + t > cache.max_len:
         raise ValueError(f"KV cache overflow: {cache.length} cached + {t} new > {cache.max_len}")
-    if t < 2:
+    if t < 2 or (layers.AVOID_MKL and ids.device.type == "cpu"):
         return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
     fn = _prefills.get(model)
     if fn is None:  # dynamic=None: only the dimensions marked below are dynamic

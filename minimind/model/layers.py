@@ -19,17 +19,17 @@ from .cache import LayerCache
 from .config import ModelConfig
 
 
-def _blas_slow_for_few_rows() -> bool:
-    """Whether compiled CPU graphs write matmuls of few rows as reductions (`linear`):
-    MINIMIND_CPU_FEW_ROWS=reduce|blas, else by CPU vendor: yes on AMD. The torch CPU wheel's
-    BLAS is MKL, which on an AMD CPU spends about M GEMVs' time on an M-row matmul and reads
-    a weight at a fraction of the bandwidth inductor's own reduction loop reaches (on this
-    project's AMD EPYC: a minimind2-small decode step 6.6 -> 2.2 ms compiled, a 3-column
-    verification 11.7 -> 4.4 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's
-    matmul measured best (the same section), so it stays."""
-    choice = os.environ.get("MINIMIND_CPU_FEW_ROWS", "").strip().lower()
-    if choice in ("reduce", "blas"):
-        return choice == "reduce"
+def _avoid_mkl() -> bool:
+    """Whether `linear` goes around MKL on a CPU: MINIMIND_CPU_MATMUL=bypass|mkl, else by CPU
+    vendor: yes on AMD. The torch CPU wheel's BLAS is MKL, which on an AMD CPU spends about M
+    GEMVs' time on an M-row fp32 matmul, where oneDNN (also in the wheel) is 2-3x faster at
+    every row count and inductor's own reduction loop 2-4x faster at 1-4 rows (this project's
+    AMD EPYC: a compiled minimind2-small decode step 6.7 -> 2.6 ms, a 3-column verification
+    11.9 -> 4.5 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's matmul measured
+    best (the same section), so it stays."""
+    choice = os.environ.get("MINIMIND_CPU_MATMUL", "").strip().lower()
+    if choice in ("bypass", "mkl"):
+        return choice == "bypass"
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             return any(line.startswith("vendor_id") and "AMD" in line for line in f)
@@ -38,28 +38,41 @@ def _blas_slow_for_few_rows() -> bool:
 
 
 # The most rows (batch x new tokens, known when the graph is made) that `linear` writes as
-# reductions: decode steps and verifications of up to 3 drafts; prefills and training keep BLAS.
+# reductions in a compiled graph: decode steps and verifications of up to 3 drafts.
 FEW_ROWS = 4
-REDUCE_FEW_ROWS = _blas_slow_for_few_rows()
+AVOID_MKL = _avoid_mkl()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) (no bias): x (..., in), weight (out, in) -> (..., out).
 
-    In a CPU graph being compiled with at most FEW_ROWS rows, where REDUCE_FEW_ROWS: each row
-    as its own sum of weight * row over `in`, which inductor turns into one vectorised pass
-    over the weight per row (rather than a BLAS call; see _blas_slow_for_few_rows). The same
-    products, summed in another order: results differ from F.linear by float rounding."""
-    if REDUCE_FEW_ROWS and x.device.type == "cpu" and torch.compiler.is_compiling():
-        rows = math.prod(x.shape[:-1])
-        # statically known: never a guard on a dynamic row count (a prefill's), which stays BLAS
-        if statically_known_true(rows <= FEW_ROWS) and statically_known_true(rows >= 1):
-            flat = x.reshape(rows, x.shape[-1])
-            if rows == 1:  # (out, 1, in) summed over in: a decode step ~10% faster than below
-                y = (weight[:, None] * flat[None]).sum(-1).t()
-            else:
-                y = torch.stack([(weight * flat[r]).sum(-1) for r in range(rows)])
-            return y.reshape(*x.shape[:-1], weight.shape[0])
+    On a CPU where AVOID_MKL (see _avoid_mkl):
+    - in a graph being compiled, with at most FEW_ROWS rows known when it is made: each row as
+      its own sum of weight * row over `in`, which inductor turns into one vectorised pass over
+      the weight per row. Other compiled matmuls (a prefill's dynamic rows) stay F.linear:
+      inductor cannot lower the oneDNN op below for them.
+    - eager, without autograd, in float32: oneDNN's matmul on the plain weight
+      (mkldnn._linear_pointwise; nothing packed or cached, so a weight updated in place, by a
+      fused optimizer too, is read as it is). Training keeps F.linear (no backward here).
+    The same products, summed in another order: results differ from F.linear by rounding."""
+    if AVOID_MKL and x.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            rows = math.prod(x.shape[:-1])
+            # statically known: never a guard on a dynamic row count (a prefill's)
+            if statically_known_true(rows <= FEW_ROWS) and statically_known_true(rows >= 1):
+                flat = x.reshape(rows, x.shape[-1])
+                if rows == 1:  # (out, 1, in) summed over in: a decode step ~10% faster
+                    y = (weight[:, None] * flat[None]).sum(-1).t()
+                else:
+                    y = torch.stack([(weight * flat[r]).sum(-1) for r in range(rows)])
+                return y.reshape(*x.shape[:-1], weight.shape[0])
+        elif (
+            x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and x.numel() > 0
+            and torch.backends.mkldnn.is_available()
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
 
