@@ -64,7 +64,13 @@ def test_eager_calls_without_autograd_have_linears_values(monkeypatch, avoid):
             torch.testing.assert_close(layers.linear(x, weight), want, atol=1e-5, rtol=1e-5)
         y = layers.linear(x, weight)  # autograd on: F.linear, exactly, with its gradient
         assert torch.equal(y, F.linear(x, weight)) and y.requires_grad
-    with torch.no_grad():  # other dtypes and empty inputs: F.linear
+    with torch.no_grad(), torch.profiler.profile() as prof:  # which kernel ran
+        layers.linear(x, weight)
+    ops = {event.key for event in prof.key_averages()}
+    assert ("mkldnn::_linear_pointwise" in ops) is avoid, ops
+    with torch.no_grad():  # other dtypes, empty inputs and a transposed weight: F.linear
+        wt = torch.randn(48, 96).t()
+        assert torch.equal(layers.linear(x, wt), F.linear(x, wt))
         x = torch.randn(3, 48).bfloat16()
         assert torch.equal(layers.linear(x, weight.bfloat16()), F.linear(x, weight.bfloat16()))
         assert layers.linear(torch.empty(0, 48), weight).shape == (0, 96)

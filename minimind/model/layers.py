@@ -22,7 +22,7 @@ from .config import ModelConfig
 def _avoid_mkl() -> bool:
     """Whether `linear` goes around MKL on a CPU: MINIMIND_CPU_MATMUL=bypass|mkl, else by CPU
     vendor: yes on AMD. The torch CPU wheel's BLAS is MKL, which on an AMD CPU spends about M
-    GEMVs' time on an M-row fp32 matmul, where oneDNN (also in the wheel) is 2-3x faster at
+    GEMVs' time on an M-row fp32 matmul, where oneDNN (also in the wheel) is 1.3-2.9x faster at
     every row count and inductor's own reduction loop 2-4x faster at 1-4 rows (this project's
     AMD EPYC: a compiled minimind2-small decode step 6.7 -> 2.6 ms, a 3-column verification
     11.9 -> 4.5 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's matmul measured
@@ -68,6 +68,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return y.reshape(*x.shape[:-1], weight.shape[0])
         elif (
             x.dtype == weight.dtype == torch.float32
+            and weight.is_contiguous()
             and not torch.is_grad_enabled()
             and x.numel() > 0
             and torch.backends.mkldnn.is_available()
