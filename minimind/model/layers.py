@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .cache import LayerCache
 from .config import ModelConfig
@@ -26,7 +25,7 @@ def _avoid_mkl() -> bool:
     every row count and inductor's own reduction loop 2-4x faster at 1-4 rows (this project's
     AMD EPYC: a compiled minimind2-small decode step 6.7 -> 2.6 ms, a 3-column verification
     11.9 -> 4.5 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's matmul measured
-    best (the same section), so it stays."""
+    best of the forms tried there (the same section; reductions were not tried), so it stays."""
     choice = os.environ.get("MINIMIND_CPU_MATMUL", "").strip().lower()
     if choice in ("bypass", "mkl"):
         return choice == "bypass"
@@ -57,6 +56,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The same products, summed in another order: results differ from F.linear by rounding."""
     if AVOID_MKL and x.device.type == "cpu":
         if torch.compiler.is_compiling():
+            # imported here: `import torch` does not load it, and only a compile reaches this
+            from torch.fx.experimental.symbolic_shapes import statically_known_true
+
             rows = math.prod(x.shape[:-1])
             # statically known: never a guard on a dynamic row count (a prefill's)
             if statically_known_true(rows <= FEW_ROWS) and statically_known_true(rows >= 1):
