@@ -31,9 +31,10 @@ stopping at eos, from the target plain (eager, and compiled unless --no-compile)
 drafts, and with `--spec-draft CKPT` (a smaller model, same tokenizer, loaded as `minimind chat
 --draft` loads it: int8 weights on a CPU unless --spec-draft-dtype) drafting; unless
 --no-compile, both drafters also run compiled (`generate(draft=..., compile=True)`: a fixed k =
---spec-compile-k, since an adapted k would recompile; default 2: on a CPU in fp32 a
-verification of 3 columns costs about one decode step and one of 4 about 1.6x: an fp32
-`F.linear` of 4 rows takes about twice as long as one of 1 to 3 rows here, bench/RESULTS.md).
+--spec-compile-k, since an adapted k would recompile; default 3 where layers.AVOID_MKL (an AMD
+CPU: matmuls of few rows as reductions, a verification of 4 columns about 1.3x a decode step),
+else 2 (MKL: one of 3 columns about 1.2x a step, of 4 about 1.8x); bench/spec_parts.py times
+the parts, bench/RESULTS.md has both).
 The references take their turns too: transformers' `generate` (default cache, eos stops) on the
 target's twin (not with --skip-hf), and llama.cpp on the target's f32 and f16 GGUF exports (in
 its own process, after the torch sides; not with --skip-llamacpp), each generating as many
@@ -73,7 +74,7 @@ from report import write_report  # bench/report.py, beside this file
 
 from minimind.infer import generate
 from minimind.infer.speculative import DRAFT_DTYPES
-from minimind.model import MiniMindForCausalLM, preset
+from minimind.model import MiniMindForCausalLM, layers, preset
 from minimind.tokenizer import train_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arg(
         "--spec-compile-k",
         type=int,
-        default=2,
+        default=3 if layers.AVOID_MKL else 2,
         help="draft tokens per round of the compiled speculative sides (fixed: compiled)",
     )
     args = p.parse_args(argv)

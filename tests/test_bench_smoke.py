@@ -60,3 +60,21 @@ def test_quick_decode_benchmark_writes_its_report(tmp_path):
     assert sides["hf"]["same_leading_tokens_as_ours"] == 8
     if "llama.cpp f32" in sides:
         assert sides["llama.cpp f32"]["same_leading_tokens_as_ours"] == 8
+
+
+@pytest.mark.slow
+def test_spec_parts_benchmark_writes_its_report(tmp_path):
+    """bench/spec_parts.py on random tiny models: every part timed, through the compiled graphs."""
+    out = tmp_path / "parts.json"
+    cmd = [sys.executable, str(BENCH.with_name("spec_parts.py")), "--target-preset", "tiny"]
+    cmd += ["--draft-preset", "tiny", "--ks", "1", "2", "--calls", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = json.loads(out.read_text())["parts"]
+    names = {"target step", "verify 2 columns", "verify 3 columns", "draft step"}
+    assert set(parts) == names | {"round k=1", "round k=2"}
+    assert all(p["best_ms"] > 0 and p["median_ms"] >= p["best_ms"] for p in parts.values())
+    assert parts["target step"]["vs_step"] == 1.0
+    for argv, says in (([], "give one of --target"), ([*cmd[2:4], "--ks", "0"], "at least 1")):
+        bad = subprocess.run([*cmd[:2], *argv], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr

@@ -1,6 +1,6 @@
 """layers.linear where AVOID_MKL (an AMD CPU, or MINIMIND_CPU_MATMUL=bypass): in a CPU graph
-being compiled, a matmul of at most FEW_ROWS rows is traced as per-row reductions, with
-F.linear's values, while more rows and dynamic row counts keep F.linear; eager float32 calls
+being compiled, a matmul of at most FEW_ROWS rows is traced as per-row reductions over rows
+realized in a buffer, with F.linear's values, while more rows and dynamic row counts keep F.linear; eager float32 calls
 without autograd run oneDNN's matmul, with F.linear's values, and calls with autograd run
 F.linear itself; and decoding, eager and compiled (steps, and a speculative verification of 3
 columns), gives the same greedy tokens with the choice either way."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.inductor_prims import force_stride_order
 
 from minimind.infer import generate
 from minimind.model import layers
@@ -39,7 +40,10 @@ def test_few_rows_are_traced_as_reductions_with_linears_values(monkeypatch, redu
     for rows in range(1, layers.FEW_ROWS + 2):
         x = torch.randn(1, rows, 48)
         ops, y = traced_ops(layers.linear, x, weight)
-        assert (F.linear in ops) == (not reduce or rows > layers.FEW_ROWS), (rows, ops)
+        few = reduce and rows <= layers.FEW_ROWS
+        assert (F.linear in ops) == (not few), (rows, ops)
+        # the rows realized in a buffer of their own (see layers.linear)
+        assert (force_stride_order in ops) == few, (rows, ops)
         assert y.shape == (1, rows, 96)
         torch.testing.assert_close(y, F.linear(x, weight), atol=1e-5, rtol=1e-5)
     # a row count that is symbolic in the graph: F.linear
@@ -48,6 +52,22 @@ def test_few_rows_are_traced_as_reductions_with_linears_values(monkeypatch, redu
     torch._dynamo.mark_dynamic(x, 0)
     ops, y = traced_ops(layers.linear, x, weight, dynamic=None)
     assert F.linear in ops
+    torch._dynamo.reset()
+
+
+def test_compiled_few_rows_with_autograd_have_linears_gradients(monkeypatch):
+    """A compiled training step of few rows (the rows' buffer op has no backward: not used
+    under autograd) gives F.linear's gradients."""
+    monkeypatch.setattr(layers, "AVOID_MKL", True)
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(1, 3, 8, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(lambda x, w: layers.linear(x, w).square().sum())(x, w).backward()
+    got = x.grad, w.grad
+    x.grad = w.grad = None
+    F.linear(x, w).square().sum().backward()
+    torch.testing.assert_close(got, (x.grad, w.grad), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
 

@@ -22,10 +22,11 @@ def _avoid_mkl() -> bool:
     """Whether `linear` goes around MKL on a CPU: MINIMIND_CPU_MATMUL=bypass|mkl, else by CPU
     vendor: yes on AMD. The torch CPU wheel's BLAS is MKL, which on an AMD CPU spends about M
     GEMVs' time on an M-row fp32 matmul, where oneDNN (also in the wheel) is 1.3-2.9x faster at
-    every row count and inductor's own reduction loop 2-4x faster at 1-4 rows (this project's
-    AMD EPYC: a compiled minimind2-small decode step 6.7 -> 2.6 ms, a 3-column verification
-    11.9 -> 4.5 ms; bench/RESULTS.md, "bench/decode.py"). On Intel CPUs MKL's matmul measured
-    best of the forms tried there (the same section; reductions were not tried), so it stays."""
+    every row count and inductor's own reduction loop over rows it has stored 2-4x faster at 1
+    to 16 rows (this project's AMD EPYC: a compiled minimind2-small decode step 6.7 -> 2.4 ms,
+    a 3-column verification 12.3 -> 3.4 ms; bench/RESULTS.md, "bench/decode.py"). On
+    Intel CPUs MKL's matmul measured best of the forms tried there (the same section;
+    reductions were not tried), so it stays."""
     choice = os.environ.get("MINIMIND_CPU_MATMUL", "").strip().lower()
     if choice in ("bypass", "mkl"):
         return choice == "bypass"
@@ -37,8 +38,9 @@ def _avoid_mkl() -> bool:
 
 
 # The most rows (batch x new tokens, known when the graph is made) that `linear` writes as
-# reductions in a compiled graph: decode steps and verifications of up to 3 drafts.
-FEW_ROWS = 4
+# reductions in a compiled graph: decode steps of up to 8 rows, verifications of up to 7 drafts
+# (measured faster than MKL up to 16 rows; past 8 a batch is better served by a GEMM kernel).
+FEW_ROWS = 8
 AVOID_MKL = _avoid_mkl()
 
 
@@ -46,23 +48,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) (no bias): x (..., in), weight (out, in) -> (..., out).
 
     On a CPU where AVOID_MKL (see _avoid_mkl):
-    - in a graph being compiled, with at most FEW_ROWS rows known when it is made: each row as
-      its own sum of weight * row over `in`, which inductor turns into one vectorised pass over
-      the weight per row. Other compiled matmuls (a prefill's dynamic rows) stay F.linear:
-      inductor cannot lower the oneDNN op below for them.
+    - in a graph being compiled, with at most FEW_ROWS rows known when it is made: the rows
+      stored in a buffer of their own, then each row as its own sum of weight * row over `in`;
+      inductor fuses the rows' sums into one vectorised pass over the weight with an
+      accumulator per row, so the weight is read once for all rows. Other compiled matmuls (a
+      prefill's dynamic rows) stay F.linear: inductor cannot lower the oneDNN op below for them.
     - eager, without autograd, in float32: oneDNN's matmul on the plain weight
       (mkldnn._linear_pointwise; nothing packed or cached, so a weight updated in place, by a
       fused optimizer too, is read as it is). Training keeps F.linear (no backward here).
     The same products, summed in another order: results differ from F.linear by rounding."""
     if AVOID_MKL and x.device.type == "cpu":
         if torch.compiler.is_compiling():
-            # imported here: `import torch` does not load it, and only a compile reaches this
+            # imported here: `import torch` does not load them, and only a compile reaches this
+            from torch._inductor.inductor_prims import force_stride_order
             from torch.fx.experimental.symbolic_shapes import statically_known_true
 
             rows = math.prod(x.shape[:-1])
             # statically known: never a guard on a dynamic row count (a prefill's)
             if statically_known_true(rows <= FEW_ROWS) and statically_known_true(rows >= 1):
+                # The rows stored, not recomputed: left alone, inductor inlines their producer
+                # (RMSNorm's rsqrt and divide, the residual adds) into the reduction's inner
+                # loop, once per row per 16 weights, and the matmul turns compute-bound (the
+                # lm_head of minimind2-small at 3 rows: 630 -> 120 us; bench/RESULTS.md).
                 flat = x.reshape(rows, x.shape[-1])
+                if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+                    # (the op has no backward; a compiled training step keeps the plain rows)
+                    flat = force_stride_order(flat, [x.shape[-1], 1])
                 if rows == 1:  # (out, 1, in) summed over in: a decode step ~10% faster
                     y = (weight[:, None] * flat[None]).sum(-1).t()
                 else:
