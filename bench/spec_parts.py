@@ -11,7 +11,7 @@ exceeds round / step.
 Checkpoints as `minimind chat` loads them (the draft int8 on a CPU, as `--draft`); or
 `--target-preset`/`--draft-preset` for random weights of a preset shape (timings only: the
 shapes are what costs). Caches hold a 40-token prompt and 256 slots; every timed call starts
-from the same cache state (the device slot is reset after each call). One side per run: the
+from the same cache state (rewound after each call), and the parts take turns call by call. One side per run: the
 CPU matmul path is the process's (`MINIMIND_CPU_MATMUL`, minimind/model/layers.py), so an A/B
 of it is two runs, one after the other. Prints a table, writes JSON (default
 bench/results/spec_parts.json). A benchmark, not a test: it never asserts a speed.
@@ -23,11 +23,10 @@ import argparse
 import datetime
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from model import device_name  # bench/model.py, beside this file
+from model import alternate, device_name  # bench/model.py, beside this file
 from report import write_report  # bench/report.py
 
 from minimind.infer.speculative import compiled_greedy_round, compiled_verify
@@ -67,10 +66,12 @@ def load(path: Path | None, name: str | None) -> MiniMindForCausalLM:
     return load_model(path, device="cpu", dtype=torch.float32).model.eval()
 
 
-def timed(model, fn, args: tuple, caches: tuple, calls: int) -> dict:
-    """fn(*args) compiled, called as generate calls it after its first call (guards skipped),
-    each call followed by a rewind of `caches`: wall time per call after 3 warm-up calls,
-    median and best, ms."""
+def call(model, fn, args: tuple, caches: tuple):
+    """A first call of fn(*args) (compiles, guards evaluated), then a closure for
+    model.alternate to time: one call as generate makes it after its first (guards skipped),
+    waiting for the result, then `caches` rewound."""
+    fn(*args)
+    rewind(*caches)
 
     def once() -> None:
         with skip_guards(model):
@@ -78,14 +79,7 @@ def timed(model, fn, args: tuple, caches: tuple, calls: int) -> dict:
         out.tolist() if out.dtype == torch.long else out.sum().item()  # waits for the result
         rewind(*caches)
 
-    for _ in range(3):
-        once()
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        once()
-        ts.append(time.perf_counter() - t)
-    return {"median_ms": statistics.median(ts) * 1e3, "best_ms": min(ts) * 1e3}
+    return once
 
 
 def fresh_cache(model: MiniMindForCausalLM, prompt: torch.Tensor):
@@ -95,10 +89,12 @@ def fresh_cache(model: MiniMindForCausalLM, prompt: torch.Tensor):
 
 
 def rewind(*caches) -> None:
-    """Back to the prompt: the next call writes the same slots at the same positions."""
+    """Back to the prompt: the next call writes the same slots at the same positions and sees
+    no slot a previous call filled."""
     for c in caches:
         c.slot.fill_(c.length)
         c.seen.fill_(c.length)
+        c.valid[:, c.length :] = False
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,37 +108,32 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, PROMPT), generator=g)
-    parts: dict[str, dict] = {}
+    fns = {}  # part -> a closure of one call (each graph compiled by `call`)
     with torch.inference_mode():
         ct = fresh_cache(target, prompt)
         tok = torch.tensor([[5]])
         step = compiled_step(target)
-        step(tok, ct)  # the first call compiles, with guards
-        rewind(ct)
-        parts["target step"] = timed(target, step, (tok, ct), (ct,), args.calls)
+        fns["target step"] = call(target, step, (tok, ct), (ct,))
         verify = compiled_verify(target)
         for k in args.ks:
             ids = torch.randint(0, vocab, (1, k + 1), generator=g)
             mask = torch.ones_like(ids, dtype=torch.bool)
-            verify(ids, ct, mask)
-            rewind(ct)
-            parts[f"verify {k + 1} columns"] = timed(
-                target, verify, (ids, ct, mask), (ct,), args.calls
-            )
+            fns[f"verify {k + 1} columns"] = call(target, verify, (ids, ct, mask), (ct,))
         if draft is not None:
             cd = fresh_cache(draft, prompt)
             dstep = compiled_step(draft)
-            dstep(tok, cd)
-            rewind(cd)
-            parts["draft step"] = timed(draft, dstep, (tok, cd), (cd,), args.calls)
+            fns["draft step"] = call(draft, dstep, (tok, cd), (cd,))
             last, pending = torch.tensor([[5]]), torch.tensor([[3, 4]])
             pmask = torch.ones(1, 2, dtype=torch.bool)
             for k in args.ks:
                 rnd = compiled_greedy_round(target, draft, k)
-                rnd(last, pending, pmask, None, ct, cd)
-                rewind(ct, cd)
                 rargs = (last, pending, pmask, None, ct, cd)
-                parts[f"round k={k}"] = timed(target, rnd, rargs, (ct, cd), args.calls)
+                fns[f"round k={k}"] = call(target, rnd, rargs, (ct, cd))
+        times = alternate(fns, warmup=3, repeats=args.calls, device="cpu")
+    parts = {
+        name: {"median_ms": statistics.median(ts) * 1e3, "best_ms": min(ts) * 1e3}
+        for name, ts in times.items()
+    }
     step_ms = parts["target step"]["median_ms"]
     for part in parts.values():
         part["vs_step"] = part["median_ms"] / step_ms
