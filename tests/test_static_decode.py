@@ -131,6 +131,41 @@ def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch,
     both(torch.randint(3, vocab, (3, 1)), None)
 
 
+@pytest.mark.slow
+def test_compiled_prefill_of_an_int8_model_where_float32_stays_eager(monkeypatch):
+    """Where layers.AVOID_MKL only a float32 model's prefill stays eager (its matmuls are
+    oneDNN's); an int8 draft model's (minimind.model.quant) compiles with the length dynamic
+    and gives the eager prefill's logits within bf16 rounding, left-padded or not, for prompts
+    on both sides of the int8 kernel's row limit (rows: batch x length; a graph per batch size
+    and side, no more: batch 1 on both sides, batch 3 always above it)."""
+    from minimind.infer.steps import prefill
+    from minimind.model import layers
+    from minimind.model.quant import PACK_ROWS, quantize_int8
+
+    monkeypatch.setattr(layers, "AVOID_MKL", True)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model = quantize_int8(build("dense"))
+    vocab = model.config.vocab_size
+
+    @torch.inference_mode()
+    def both(ids, mask):
+        ref_cache = model.new_cache(ids.shape[0], 48, static=True)
+        ref = model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1).logits[:, -1]
+        cache = model.new_cache(ids.shape[0], 48, static=True)
+        got = prefill(model, ids, mask, cache)
+        assert got.dtype == ref.dtype == torch.bfloat16
+        scale = float(ref.float().abs().max())
+        assert float((got.float() - ref.float()).abs().max()) <= 0.02 * scale
+        assert cache.length == ref_cache.length == int(cache.slot) == ids.shape[1]
+        assert torch.equal(cache.valid, ref_cache.valid)
+
+    for t in (PACK_ROWS + 4, 5, 2 * PACK_ROWS + 1, 9):
+        both(torch.randint(3, vocab, (1, t)), None)
+        both(*prompts_batch(3, t + 7, vocab))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 3
+
+
 # --- generate() over the static cache (minimind.infer.steps) ------------------------------
 
 PROMPTS = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]

@@ -85,10 +85,13 @@ def prefill(
     `model.prefill_step` compiled with T dynamic, so one graph serves every prompt length
     (made once per model; a new batch size or cache capacity compiles another) -> the last
     column's logits (B, V), the cache advanced by T slots. A one-token prompt goes eager (a
-    dimension of size 1 is always specialised), and so does every prompt on a CPU where
-    layers.AVOID_MKL: there the eager matmuls are oneDNN's, which inductor cannot lower for a
-    dynamic length, and the eager prefill measured faster than the compiled one's MKL calls
-    (bench/RESULTS.md, "bench/decode.py").
+    dimension of size 1 is always specialised), and so does a float32 model's every prompt on
+    a CPU where layers.AVOID_MKL: there its eager matmuls are oneDNN's, which inductor cannot
+    lower for a dynamic length, and the eager prefill measured faster than the compiled one's
+    MKL calls (bench/RESULTS.md, "bench/decode.py"). Other dtypes compile there too: an int8
+    draft model's (quant.py) or a bf16 model's matmuls are the same kernels eager or compiled,
+    and the compiled graph saves the rest (the 2.8M int8 draft's prefill of 12 chat prompts
+    20.5 -> 13.6 ms; bench/RESULTS.md).
 
     Why: the eager prefill of a 30-token chat prompt spends about a quarter of its time
     outside the matmuls (norms, rotary, attention, dispatch), which inductor fuses; see
@@ -96,7 +99,8 @@ def prefill(
     t = ids.shape[1]
     if cache.length + t > cache.max_len:
         raise ValueError(f"KV cache overflow: {cache.length} cached + {t} new > {cache.max_len}")
-    if t < 2 or (layers.AVOID_MKL and ids.device.type == "cpu"):
+    onednn = layers.AVOID_MKL and ids.device.type == "cpu" and _is_float32(model)
+    if t < 2 or onednn:
         return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
     fn = _prefills.get(model)
     if fn is None:  # dynamic=None: only the dimensions marked below are dynamic
@@ -115,6 +119,11 @@ def prefill(
     logits = fn(ids, cache, mask)
     cache.advance_host(t)
     return logits
+
+
+def _is_float32(model: torch.nn.Module) -> bool:
+    """Whether the model's matmuls run in float32 (layers.linear's oneDNN route, eager)."""
+    return next(model.parameters()).dtype == torch.float32
 
 
 class Stepper:
