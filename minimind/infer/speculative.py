@@ -8,7 +8,10 @@ batch, or one per row), `verify`, `draft_with_model` (per-row draft lengths), `n
 
 Drafters:
 - a draft model (a smaller MiniMindForCausalLM with the same vocabulary: the 2M `demo`-shaped
-  or 26M models for the larger ones) decodes k tokens over its own KV cache;
+  or 26M models for the larger ones) decodes k tokens over its own KV cache. One distilled
+  from the target (`minimind train distill --alpha 0`, the target as teacher) agrees with it
+  more often than one trained on the same corpus alone (DistillSpec, Zhou et al. 2023; the
+  figures are in bench/RESULTS.md, "A draft distilled from its target");
 - "ngram" (prompt lookup, as transformers' `prompt_lookup_num_tokens`): the row's last n
   tokens (n = 3, 2, 1) are looked up earlier in the row's own prompt and output, and the k
   tokens that followed their latest occurrence are proposed. No second model; it pays off
