@@ -91,6 +91,23 @@ def test_compiled_step_is_captured_once_and_exact():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
 
 
+@torch.inference_mode()
+def prefill_both(model, ids, mask, capacity: int):
+    """steps.prefill and the eager prefill of the same prompts, each on a fresh static cache
+    of `capacity` slots, their cache bookkeeping compared -> (logits, eager logits, cache,
+    eager cache)."""
+    from minimind.infer.steps import prefill
+
+    ref_cache = model.new_cache(ids.shape[0], capacity, static=True)
+    ref = model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1).logits[:, -1]
+    cache = model.new_cache(ids.shape[0], capacity, static=True)
+    got = prefill(model, ids, mask, cache)
+    assert cache.length == ref_cache.length == int(cache.slot) == ids.shape[1]
+    assert torch.equal(cache.seen, ref_cache.seen) and torch.equal(cache.valid, ref_cache.valid)
+    assert cache.has_padding == ref_cache.has_padding
+    return got, ref, cache, ref_cache
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("avoid_mkl", [False, True])
 def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch, avoid_mkl):
@@ -98,7 +115,6 @@ def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch,
     gives the eager prefill's last logits and cache state, for left-padded batches and for
     prompts of many lengths, which after the first compile add no graph; a one-token prompt
     goes eager, and so does every prompt where layers.AVOID_MKL (no graph at all)."""
-    from minimind.infer.steps import prefill
     from minimind.model import layers
 
     monkeypatch.setattr(layers, "AVOID_MKL", avoid_mkl)
@@ -107,16 +123,9 @@ def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch,
     model = build("dense")
     vocab = model.config.vocab_size
 
-    @torch.inference_mode()
     def both(ids, mask):
-        ref_cache = model.new_cache(ids.shape[0], 32, static=True)
-        ref = model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1).logits[:, -1]
-        cache = model.new_cache(ids.shape[0], 32, static=True)
-        got = prefill(model, ids, mask, cache)
+        got, ref, cache, ref_cache = prefill_both(model, ids, mask, 32)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-        assert cache.length == ref_cache.length == int(cache.slot) == ids.shape[1]
-        assert torch.equal(cache.seen, ref_cache.seen) and torch.equal(cache.valid, ref_cache.valid)
-        assert cache.has_padding == ref_cache.has_padding
         for a, b in zip(cache.layers, ref_cache.layers):
             n = ids.shape[1]
             torch.testing.assert_close(a.k[:, :, :n], b.k[:, :, :n], atol=1e-5, rtol=1e-5)
@@ -138,7 +147,6 @@ def test_compiled_prefill_of_an_int8_model_where_float32_stays_eager(monkeypatch
     and gives the eager prefill's logits within bf16 rounding, left-padded or not, for prompts
     on both sides of the int8 kernel's row limit (rows: batch x length; a graph per batch size
     and side, no more: batch 1 on both sides, batch 3 always above it)."""
-    from minimind.infer.steps import prefill
     from minimind.model import layers
     from minimind.model.quant import PACK_ROWS, quantize_int8
 
@@ -148,17 +156,11 @@ def test_compiled_prefill_of_an_int8_model_where_float32_stays_eager(monkeypatch
     model = quantize_int8(build("dense"))
     vocab = model.config.vocab_size
 
-    @torch.inference_mode()
     def both(ids, mask):
-        ref_cache = model.new_cache(ids.shape[0], 48, static=True)
-        ref = model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1).logits[:, -1]
-        cache = model.new_cache(ids.shape[0], 48, static=True)
-        got = prefill(model, ids, mask, cache)
+        got, ref, _, _ = prefill_both(model, ids, mask, 48)
         assert got.dtype == ref.dtype == torch.bfloat16
         scale = float(ref.float().abs().max())
         assert float((got.float() - ref.float()).abs().max()) <= 0.02 * scale
-        assert cache.length == ref_cache.length == int(cache.slot) == ids.shape[1]
-        assert torch.equal(cache.valid, ref_cache.valid)
 
     for t in (PACK_ROWS + 4, 5, 2 * PACK_ROWS + 1, 9):
         both(torch.randint(3, vocab, (1, t)), None)
