@@ -99,8 +99,9 @@ def prefill(
     t = ids.shape[1]
     if cache.length + t > cache.max_len:
         raise ValueError(f"KV cache overflow: {cache.length} cached + {t} new > {cache.max_len}")
-    onednn = layers.AVOID_MKL and ids.device.type == "cpu" and _is_float32(model)
-    if t < 2 or onednn:
+    # a float32 model's matmuls take layers.linear's oneDNN route when eager
+    float32 = next(model.parameters()).dtype == torch.float32
+    if t < 2 or (layers.AVOID_MKL and ids.device.type == "cpu" and float32):
         return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
     fn = _prefills.get(model)
     if fn is None:  # dynamic=None: only the dimensions marked below are dynamic
@@ -119,11 +120,6 @@ def prefill(
     logits = fn(ids, cache, mask)
     cache.advance_host(t)
     return logits
-
-
-def _is_float32(model: torch.nn.Module) -> bool:
-    """Whether the model's matmuls run in float32 (layers.linear's oneDNN route, eager)."""
-    return next(model.parameters()).dtype == torch.float32
 
 
 class Stepper:
