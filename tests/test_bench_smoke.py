@@ -78,3 +78,42 @@ def test_spec_parts_benchmark_writes_its_report(tmp_path):
     for argv, says in (([], "give one of --target"), ([*cmd[2:4], "--ks", "0"], "at least 1")):
         bad = subprocess.run([*cmd[:2], *argv], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+
+
+def test_gpu_check_on_a_cpu_machine(tmp_path):
+    """bench/gpu.py where no GPU is present: says so, exits 0, runs and writes nothing; an
+    unknown part is refused naming the parts. Its plumbing runs here for real: a part's child
+    process keeps its exit status and last lines, one past its time limit is reported as a
+    timeout, and the table has a line for each."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu.py would run its parts (minutes)")
+    path = BENCH.with_name("gpu.py")
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(path), "--out", str(out), "--parts", "tests,decode"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout
+    assert not out.exists() and not (tmp_path / "gpu").exists()
+    bad = subprocess.run([*cmd[:4], "--parts", "tests,warp"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "unknown part(s) warp" in bad.stderr and "serve" in bad.stderr, bad.stderr
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    failed = [sys.executable, "-c", "print('first'); print('last'); raise SystemExit(3)"]
+    parts = {
+        "tests": gpu.child(failed, tmp_path / "tests.log", timeout=60),
+        "serve": gpu.child(
+            [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "serve.log", 1
+        ),
+    }
+    assert parts["tests"]["rc"] == 3 and parts["tests"]["tail"] == ["first", "last"]
+    assert parts["serve"]["rc"] == "timeout" and parts["serve"]["seconds"] < 20
+    lines = gpu.table({"device": "none", "seconds": 2.0, "parts": parts}).splitlines()
+    assert lines[-2].split()[:2] == ["tests", "3"] and lines[-2].endswith("last")
+    assert lines[-1].split()[:2] == ["serve", "timeout"]
