@@ -11,9 +11,9 @@ exceeds round / step.
 Checkpoints as `minimind chat` loads them (the draft int8 on a CPU, as `--draft`); or
 `--target-preset`/`--draft-preset` for random weights of a preset shape (timings only: the
 shapes are what costs). Caches hold a 40-token prompt and 256 slots; every timed call starts
-from the same cache state (rewound after each call), and the parts take turns call by call. One side per run: the
-CPU matmul path is the process's (`MINIMIND_CPU_MATMUL`, minimind/model/layers.py), so an A/B
-of it is two runs, one after the other. Prints a table, writes JSON (default
+from the same cache state (rewound after each call), and the parts take turns call by call.
+One side per run: the CPU matmul path is the process's (`MINIMIND_CPU_MATMUL`,
+minimind/model/layers.py), so an A/B of it is two runs, one after the other. Prints a table, writes JSON (default
 bench/results/spec_parts.json). A benchmark, not a test: it never asserts a speed.
 """
 

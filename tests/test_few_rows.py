@@ -1,8 +1,8 @@
 """layers.linear where AVOID_MKL (an AMD CPU, or MINIMIND_CPU_MATMUL=bypass): in a CPU graph
 being compiled, a matmul of at most FEW_ROWS rows is traced as per-row reductions over rows
-realized in a buffer, with F.linear's values, while more rows and dynamic row counts keep F.linear; eager float32 calls
-without autograd run oneDNN's matmul, with F.linear's values, and calls with autograd run
-F.linear itself; and decoding, eager and compiled (steps, and a speculative verification of 3
+realized in a buffer, with F.linear's values, while more rows and dynamic row counts keep
+F.linear; eager float32 calls without autograd run oneDNN's matmul, with F.linear's values,
+and calls with autograd run F.linear itself; and decoding, eager and compiled (steps, and a speculative verification of 3
 columns), gives the same greedy tokens with the choice either way."""
 
 from __future__ import annotations

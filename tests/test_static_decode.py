@@ -114,7 +114,8 @@ def test_compiled_prefill_serves_every_prompt_length_with_one_graph(monkeypatch,
     """steps.prefill (compile=True's prefill: a block step with the prompt length dynamic)
     gives the eager prefill's last logits and cache state, for left-padded batches and for
     prompts of many lengths, which after the first compile add no graph; a one-token prompt
-    goes eager, and so does every prompt where layers.AVOID_MKL (no graph at all)."""
+    goes eager, and so does every prompt of this float32 model where layers.AVOID_MKL (no
+    graph at all)."""
     from minimind.model import layers
 
     monkeypatch.setattr(layers, "AVOID_MKL", avoid_mkl)
